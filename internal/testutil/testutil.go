@@ -1,0 +1,115 @@
+// Package testutil holds helpers shared by the tests of several packages: skipping with a
+// stated reason when root or a kernel feature is missing, and locating the hot binary for
+// end-to-end tests that drive the real CLI.
+package testutil
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// RequireRoot skips the test, naming the reason, unless it runs as root and not in -short mode.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end test: requires root and kernel features, skipped in -short mode")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("end-to-end test: requires root (namespaces, mounts, cgroups)")
+	}
+}
+
+// RequireCommand skips the test unless name is on PATH.
+func RequireCommand(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("requires %s on PATH (installed by `make deps`): %v", name, err)
+	}
+	return p
+}
+
+var (
+	buildOnce sync.Once
+	buildPath string
+	buildErr  error
+)
+
+// HotBinary returns the path of a hot binary built from this checkout: $HOT_TEST_BINARY when
+// set (make test sets it), otherwise one built once per test process into a temporary dir.
+func HotBinary(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("HOT_TEST_BINARY"); p != "" {
+		return p
+	}
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "hot-test-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildPath = filepath.Join(dir, "hot")
+		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/hot")
+		cmd.Dir = ModuleRoot(t)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = &buildError{err: err, out: string(out)}
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build hot: %v", buildErr)
+	}
+	return buildPath
+}
+
+type buildError struct {
+	err error
+	out string
+}
+
+func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
+
+// ModuleRoot returns the directory holding go.mod.
+func ModuleRoot(t testing.TB) string {
+	t.Helper()
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		t.Fatal("cannot locate testutil source file")
+	}
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// Result is the outcome of one hot invocation.
+type Result struct {
+	Stdout, Stderr string
+	ExitCode       int
+}
+
+// RunHot runs the hot binary with args (a --root/--run-root pair is the caller's business)
+// and returns its output. It fails the test only if the binary could not be started.
+func RunHot(t testing.TB, timeout time.Duration, args ...string) Result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, HotBinary(t), args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := Result{Stdout: stdout.String(), Stderr: stderr.String()}
+	if err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			t.Fatalf("run hot %s: %v", strings.Join(args, " "), err)
+		}
+		res.ExitCode = ee.ExitCode()
+	}
+	return res
+}
