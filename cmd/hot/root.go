@@ -48,6 +48,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 
 	root.AddCommand(
 		newVersionCmd(opts),
+		newDoctorCmd(opts),
 		newManCmd(root),
 	)
 	return root
