@@ -11,11 +11,12 @@ fi
 
 # Debian packages. One line per purpose so it is clear why each is here.
 pkgs=(
-	ca-certificates git make gcc libc6-dev pkg-config  # build hot
+	ca-certificates git make gcc libc6-dev pkg-config  # build hot; gcc/make also build the VM tests' kernel modules
 	iproute2 nftables iptables procps psmisc kmod      # container networking, host inspection
 	podman skopeo umoci                                 # peers and image producers for the tests
 	runc                                                # peer for checkpoint/restore benchmarks
 	util-linux e2fsprogs xz-utils zstd cpio             # mounts, archives
+	qemu-system-x86 busybox-static                      # VM tests (livepatch, BPF): qemu TCG boot of a busybox initramfs
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
@@ -27,6 +28,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 	apt-get -q update
 	apt-get -q install -y --no-install-recommends "${missing[@]}"
 fi
+
+# The VM tests' kernel: Debian 12's own linux-image unpacked into /var/cache/hot/vm-kernel (not
+# installed) and the matching linux-headers package (installed) for building test modules.
+scripts/vm-kernel.sh
 
 # Go toolchain: go.mod names the version; GOTOOLCHAIN=auto fetches it from the module proxy if older.
 if ! command -v go >/dev/null; then
