@@ -50,6 +50,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newVersionCmd(opts),
 		newDoctorCmd(opts),
 		newManCmd(root),
+		newImageCmd(opts),
 	)
 	return root
 }

@@ -1,0 +1,79 @@
+package cowfs_test
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hotctl/hot/cowfs"
+	"github.com/hotctl/hot/internal/testutil"
+)
+
+// hot runs the CLI against root and fails the test unless it exits with want.
+func hot(t *testing.T, root string, want int, args ...string) testutil.Result {
+	t.Helper()
+	res := testutil.RunHot(t, 2*time.Minute, append([]string{"--root", root}, args...)...)
+	if res.ExitCode != want {
+		t.Fatalf("hot %s: exit %d, want %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), res.ExitCode, want, res.Stdout, res.Stderr)
+	}
+	return res
+}
+
+func TestCLIImportRootfsLsInspect(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := filepath.Join(t.TempDir(), "root")
+	rootfs := filepath.Join(t.TempDir(), "rootfs")
+	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "bin", "app"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hot(t, root, 0, "image", "import", "--rootfs", rootfs, "--tag", "app:v1",
+		"--entrypoint", "/bin/app", "--cmd", "serve", "--cmd", "--port=80", "--env", "MODE=prod", "--workdir", "/srv")
+
+	var list []cowfs.Summary
+	if err := json.Unmarshal([]byte(hot(t, root, 0, "image", "ls", "--json").Stdout), &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || len(list[0].Names) != 1 || list[0].Names[0] != "app:v1" || list[0].Size <= 0 {
+		t.Fatalf("ls --json: %+v", list)
+	}
+	table := hot(t, root, 0, "image", "ls").Stdout
+	if !strings.Contains(table, "app:v1") || !strings.Contains(table, list[0].ID.Encoded()[:12]) {
+		t.Errorf("ls table lacks name or ID:\n%s", table)
+	}
+
+	var ins struct {
+		ID         string   `json:"id"`
+		Entrypoint []string `json:"entrypoint"`
+		Cmd        []string `json:"cmd"`
+		Env        []string `json:"env"`
+		WorkingDir string   `json:"workingDir"`
+		Layers     []struct {
+			DiffID string `json:"diffID"`
+		} `json:"layers"`
+	}
+	// Resolve by short ID works from the CLI too.
+	out := hot(t, root, 0, "image", "inspect", "--json", list[0].ID.Encoded()[:12]).Stdout
+	if err := json.Unmarshal([]byte(out), &ins); err != nil {
+		t.Fatal(err)
+	}
+	if ins.ID != string(list[0].ID) || strings.Join(ins.Entrypoint, " ") != "/bin/app" ||
+		strings.Join(ins.Cmd, " ") != "serve --port=80" || ins.WorkingDir != "/srv" ||
+		!strings.Contains(strings.Join(ins.Env, " "), "MODE=prod") || len(ins.Layers) != 1 {
+		t.Errorf("inspect: %s", out)
+	}
+
+	res := hot(t, root, 1, "image", "inspect", "nosuch:v9")
+	if !strings.Contains(res.Stderr, "nosuch:v9") || !strings.Contains(res.Stderr, "hot image ls") {
+		t.Errorf("unknown image error does not name it or the fix: %s", res.Stderr)
+	}
+	res = hot(t, root, 2, "image", "import", "--rootfs", rootfs, "extra-arg")
+	if !strings.Contains(res.Stderr, "not both") {
+		t.Errorf("usage error: %s", res.Stderr)
+	}
+}
