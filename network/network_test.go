@@ -1,0 +1,373 @@
+package network
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hotctl/hot/internal/testutil"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// testNetwork returns a Network on a bridge and subnet of its own (bridge "hott<hex>",
+// subnet 10.213.X.0/24) and removes every trace of it when the test ends.
+func testNetwork(t *testing.T) *Network {
+	t.Helper()
+	testutil.RequireRoot(t)
+	testutil.RequireCommand(t, "nft")
+	var n *Network
+	for range 20 {
+		x := rand.IntN(256)
+		subnet := netip.MustParsePrefix(fmt.Sprintf("10.213.%d.0/24", x))
+		if checkOverlap(subnet) != nil {
+			continue
+		}
+		var err error
+		n, err = New(Config{
+			Bridge:   fmt.Sprintf("hott%06x", rand.Uint32()&0xffffff),
+			Subnet:   subnet,
+			StateDir: t.TempDir(),
+			RunRoot:  t.TempDir(),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	if n == nil {
+		t.Fatal("no free 10.213.X.0/24 subnet for the test")
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		if list, err := n.List(); err == nil {
+			for _, a := range list {
+				if err := n.Detach(ctx, a.ID); err != nil {
+					t.Errorf("cleanup: %v", err)
+				}
+			}
+		}
+		if err := n.Teardown(ctx); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return n
+}
+
+// inNetns runs fn on a thread that has joined the network namespace at path. Sockets made by
+// fn stay in that namespace whichever thread uses them later. The thread is discarded.
+func inNetns(path string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with this goroutine
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("setns %s: %w", path, err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+// serve starts a TCP server in the container's netns on :port that answers every connection
+// with name and closes it.
+func serve(t *testing.T, a *Attachment, port int, name string) net.Listener {
+	t.Helper()
+	var l net.Listener
+	err := inNetns(a.NetnsPath, func() (err error) {
+		l, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, name)
+			c.Close()
+		}
+	}()
+	return l
+}
+
+// fetch connects to addr (from the netns at nsPath, or from the host if "") and returns what
+// the server said.
+func fetch(nsPath, addr string) (string, error) {
+	var c net.Conn
+	dial := func() (err error) {
+		c, err = net.DialTimeout("tcp4", addr, 3*time.Second)
+		return err
+	}
+	var err error
+	if nsPath == "" {
+		err = dial()
+	} else {
+		err = inNetns(nsPath, dial)
+	}
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func expectReply(t *testing.T, what, nsPath, addr, want string) {
+	t.Helper()
+	got, err := fetch(nsPath, addr)
+	if err != nil || got != want {
+		t.Errorf("%s (%s): got %q, %v; want %q", what, addr, got, err, want)
+	}
+}
+
+func freePort(t *testing.T) uint16 {
+	t.Helper()
+	l, err := net.Listen("tcp4", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return uint16(l.Addr().(*net.TCPAddr).Port)
+}
+
+// hostAddr returns a global IPv4 address of the host outside the test bridge, if any.
+func hostAddr(bridge string) (netip.Addr, bool) {
+	links, _ := netlink.LinkList()
+	for _, l := range links {
+		if l.Attrs().Name == bridge || l.Attrs().Flags&net.FlagUp == 0 || l.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, _ := netlink.AddrList(l, netlink.FAMILY_V4)
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip.IsGlobalUnicast() {
+				return ip, true
+			}
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// assertNoTrace checks that nothing of container id is left on the host.
+func assertNoTrace(t *testing.T, n *Network, id string) {
+	t.Helper()
+	if _, err := netlink.LinkByName(hostVethName(n.cfg.Bridge, id)); err == nil {
+		t.Errorf("%s: veth %s still exists", id, hostVethName(n.cfg.Bridge, id))
+	}
+	if _, err := os.Stat(n.NetnsPath(id)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("%s: netns file %s still exists (%v)", id, n.NetnsPath(id), err)
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mi), n.NetnsPath(id)) {
+		t.Errorf("%s: netns still mounted", id)
+	}
+	out, _ := exec.Command("nft", "list", "map", "ip", tableName(n.cfg.Bridge), "ports").CombinedOutput()
+	if strings.Contains(string(out), `"hot:`+id+`"`) {
+		t.Errorf("%s: nft ports map still has its elements:\n%s", id, out)
+	}
+	if _, err := n.Lookup(id); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("%s: lease still recorded (%v)", id, err)
+	}
+	st, _ := os.ReadFile(n.statePath())
+	if strings.Contains(string(st), `"`+id+`"`) {
+		t.Errorf("%s: state file still names it:\n%s", id, st)
+	}
+}
+
+func TestAttachConnectivity(t *testing.T) {
+	n := testNetwork(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	hp := freePort(t)
+	a1, err := n.Attach(ctx, "c1", AttachRequest{Ports: []PortMapping{{HostPort: hp, ContainerPort: 80, Proto: "tcp"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want2 := n.cfg.Subnet.Addr().Next().Next().Next().Next().Next() // .5
+	a2, err := n.Attach(ctx, "c2", AttachRequest{IP: want2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a2.IP != want2 || a1.IP == a2.IP || !a1.Prefix.Contains(a1.IP) || a1.Gateway != gateway(n.cfg.Subnet) {
+		t.Errorf("addresses: c1 %s c2 %s (asked %s) prefix %s gw %s", a1.IP, a2.IP, want2, a1.Prefix, a1.Gateway)
+	}
+	if got, err := n.Lookup("c1"); err != nil || got.IP != a1.IP || len(got.Ports) != 1 {
+		t.Errorf("Lookup c1 = %+v, %v", got, err)
+	}
+	serve(t, a1, 80, "c1")
+	serve(t, a2, 80, "c2")
+
+	expectReply(t, "host to c1 by IP", "", net.JoinHostPort(a1.IP.String(), "80"), "c1")
+	expectReply(t, "host to c2 by IP", "", net.JoinHostPort(a2.IP.String(), "80"), "c2")
+	hostPort := fmt.Sprint(hp)
+	expectReply(t, "published port on the bridge address", "", net.JoinHostPort(a1.Gateway.String(), hostPort), "c1")
+	expectReply(t, "published port on 127.0.0.1", "", net.JoinHostPort("127.0.0.1", hostPort), "c1")
+	if ip, ok := hostAddr(n.cfg.Bridge); ok {
+		expectReply(t, "published port on the host's address", "", net.JoinHostPort(ip.String(), hostPort), "c1")
+	}
+	expectReply(t, "c2 to c1 by IP", a2.NetnsPath, net.JoinHostPort(a1.IP.String(), "80"), "c1")
+	expectReply(t, "c1 to c2 by IP", a1.NetnsPath, net.JoinHostPort(a2.IP.String(), "80"), "c2")
+	expectReply(t, "c2 to c1's published port (hairpin)", a2.NetnsPath, net.JoinHostPort(a1.Gateway.String(), hostPort), "c1")
+	expectReply(t, "c1 to its own published port (hairpin)", a1.NetnsPath, net.JoinHostPort(a1.Gateway.String(), hostPort), "c1")
+
+	// A requested address in use is refused clearly, and nothing of c3 is left.
+	_, err = n.Attach(ctx, "c3", AttachRequest{IP: a2.IP})
+	if err == nil || !strings.Contains(err.Error(), "in use by container c2") {
+		t.Errorf("Attach with c2's address: %v", err)
+	}
+	assertNoTrace(t, n, "c3")
+	// So is a host port another container publishes, and one a host process listens on.
+	_, err = n.Attach(ctx, "c3", AttachRequest{Ports: []PortMapping{{HostPort: hp, ContainerPort: 81, Proto: "tcp"}}})
+	if err == nil || !strings.Contains(err.Error(), "already published by container c1") {
+		t.Errorf("Attach with c1's host port: %v", err)
+	}
+	assertNoTrace(t, n, "c3")
+	busy, err := net.Listen("tcp4", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	bp := uint16(busy.Addr().(*net.TCPAddr).Port)
+	_, err = n.Attach(ctx, "c3", AttachRequest{Ports: []PortMapping{{HostPort: bp, ContainerPort: 80, Proto: "tcp"}}})
+	if err == nil || !strings.Contains(err.Error(), "in use by a process on the host") {
+		t.Errorf("Attach with a host port in use: %v", err)
+	}
+	assertNoTrace(t, n, "c3")
+	// Attaching the same id twice is refused without touching the first.
+	if _, err := n.Attach(ctx, "c1", AttachRequest{}); err == nil || !strings.Contains(err.Error(), "already attached") {
+		t.Errorf("second Attach of c1: %v", err)
+	}
+	expectReply(t, "c1 after refused re-attach", "", net.JoinHostPort(a1.IP.String(), "80"), "c1")
+
+	for _, id := range []string{"c1", "c2"} {
+		if err := n.Detach(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.Detach(ctx, id); err != nil {
+			t.Errorf("second Detach of %s: %v", id, err)
+		}
+		assertNoTrace(t, n, id)
+	}
+	if _, err := fetch("", net.JoinHostPort("127.0.0.1", hostPort)); err == nil {
+		t.Error("published port still answers after Detach")
+	}
+
+	if err := n.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netlink.LinkByName(n.cfg.Bridge); err == nil {
+		t.Errorf("bridge %s still exists after Teardown", n.cfg.Bridge)
+	}
+	if out, _ := exec.Command("nft", "list", "tables").CombinedOutput(); strings.Contains(string(out), tableName(n.cfg.Bridge)) {
+		t.Errorf("nft table %s still exists after Teardown", tableName(n.cfg.Bridge))
+	}
+}
+
+// TestDetachFromStateAlone simulates a crash: the netns has a process in it that was killed,
+// and the caller has nothing but the id; Detach still removes everything.
+func TestDetachFromStateAlone(t *testing.T) {
+	n := testNetwork(t)
+	ctx := context.Background()
+	hp := freePort(t)
+	a, err := n.Attach(ctx, "crashed", AttachRequest{Ports: []PortMapping{{HostPort: hp, ContainerPort: 80, Proto: "udp"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", "--net="+a.NetnsPath, "sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Skipf("nsenter (util-linux): %v", err)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	// A fresh Network value, as `hot rm -f` in a new process would have.
+	n2, err := New(n.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n2.Detach(ctx, "crashed"); err != nil {
+		t.Fatal(err)
+	}
+	assertNoTrace(t, n, "crashed")
+	// An id that was never attached is fine too.
+	if err := n2.Detach(ctx, "never"); err != nil {
+		t.Errorf("Detach of an unknown id: %v", err)
+	}
+}
+
+// TestAttachDetachCycles checks that 20 attach/detach cycles leak no interface, mount,
+// nftables element, lease or file descriptor.
+func TestAttachDetachCycles(t *testing.T) {
+	n := testNetwork(t)
+	ctx := context.Background()
+	// The first Attach makes the bridge and the table; count after it.
+	if _, err := n.Attach(ctx, "warm", AttachRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Detach(ctx, "warm"); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, n)
+	hp := freePort(t)
+	for i := range 20 {
+		id := fmt.Sprintf("cyc%d", i)
+		a, err := n.Attach(ctx, id, AttachRequest{Ports: []PortMapping{{HostPort: hp, ContainerPort: 80, Proto: "tcp"}}})
+		if err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if i == 0 || i == 19 {
+			l := serve(t, a, 80, id)
+			expectReply(t, "published port in cycle", "", net.JoinHostPort("127.0.0.1", fmt.Sprint(hp)), id)
+			l.Close()
+		}
+		if err := n.Detach(ctx, id); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+	}
+	after := snapshot(t, n)
+	if before != after {
+		t.Errorf("leak after 20 cycles:\nbefore %s\nafter  %s", before, after)
+	}
+}
+
+// snapshot summarises what the host holds: interface count, mounts under the run root,
+// elements of the ports map, leases, open fds of this process.
+func snapshot(t *testing.T, n *Network) string {
+	t.Helper()
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	mounts := strings.Count(string(mi), n.cfg.RunRoot)
+	out, _ := exec.Command("nft", "list", "map", "ip", tableName(n.cfg.Bridge), "ports").CombinedOutput()
+	elems := strings.Count(string(out), "hot:")
+	list, _ := n.List()
+	fds, _ := os.ReadDir("/proc/self/fd")
+	nsFiles, _ := os.ReadDir(n.NetnsPath(""))
+	return fmt.Sprintf("links=%d mounts=%d nft-elements=%d leases=%d fds=%d netns-files=%d",
+		len(links), mounts, elems, len(list), len(fds), len(nsFiles))
+}
