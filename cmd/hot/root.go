@@ -49,6 +49,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 	root.AddCommand(
 		newVersionCmd(opts),
 		newDoctorCmd(opts),
+		newHotfixCmd(opts),
 		newManCmd(root),
 		newImageCmd(opts),
 	)
