@@ -86,15 +86,7 @@ func errnoOf(err error) string {
 	}
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
-		switch errno {
-		case unix.EPERM:
-			return "EPERM"
-		case unix.EACCES:
-			return "EACCES"
-		case unix.ECONNREFUSED:
-			return "ECONNREFUSED"
-		}
-		return fmt.Sprintf("errno %d", int(errno))
+		return unix.ErrnoName(errno)
 	}
 	return err.Error()
 }
@@ -376,7 +368,7 @@ func TestTrampolineFixesReportTheKernelsRefusal(t *testing.T) {
 		t.Fatalf("apply fmod_ret fix: exit %d, stderr %q; want the kernel's refusal", res.ExitCode, res.Stderr)
 	}
 	var ue *ftrace.UnsupportedError
-	if errors.As(fmodRet.Err, &ue) && ue.Errno != 0 && !strings.Contains(res.Stderr, errnoName(ue.Errno)) {
+	if errors.As(fmodRet.Err, &ue) && ue.Errno != 0 && !strings.Contains(res.Stderr, unix.ErrnoName(ue.Errno)) {
 		t.Errorf("apply error %q does not name the errno the probe saw (%v)", res.Stderr, ue.Errno)
 	}
 	entries, _ := os.ReadDir(root)
@@ -398,14 +390,4 @@ func TestTrampolineFixesReportTheKernelsRefusal(t *testing.T) {
 			t.Errorf("probe reports fmod_ret %+v, want unsupported with a reason", g)
 		}
 	}
-}
-
-func errnoName(e syscall.Errno) string {
-	switch e {
-	case unix.EPERM:
-		return "EPERM"
-	case unix.EINVAL:
-		return "EINVAL"
-	}
-	return ""
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrNotSupported is matched (errors.Is) by every error saying that the running kernel
@@ -69,27 +71,14 @@ func specErr(spec, hint, format string, args ...any) *SpecError {
 	return &SpecError{Spec: spec, Problem: fmt.Sprintf(format, args...), Hint: hint}
 }
 
-// errnoName returns the symbolic name of the errnos the BPF syscall answers with.
+// errnoName returns the symbolic name of an errno (ENOTSUPP is kernel-internal but leaks
+// out of the BPF syscall).
 func errnoName(e syscall.Errno) string {
-	switch e {
-	case syscall.EPERM:
-		return "EPERM"
-	case syscall.EACCES:
-		return "EACCES"
-	case syscall.EINVAL:
-		return "EINVAL"
-	case syscall.ENOENT:
-		return "ENOENT"
-	case syscall.ESRCH:
-		return "ESRCH"
-	case syscall.EOPNOTSUPP:
-		return "EOPNOTSUPP"
-	case syscall.E2BIG:
-		return "E2BIG"
-	case syscall.EBUSY:
-		return "EBUSY"
-	case 524:
+	if e == 524 {
 		return "ENOTSUPP"
+	}
+	if n := unix.ErrnoName(e); n != "" {
+		return n
 	}
 	return fmt.Sprintf("errno %d", int(e))
 }

@@ -41,6 +41,11 @@ func Kinds() []Kind {
 	optCgroup := Param{Name: "cgroup", normalize: normPath,
 		Help: "only for tasks in this cgroup2 directory (matched by cgroup id)"}
 	comm := Param{Name: "comm", normalize: normComm, Help: "only for tasks whose command name (comm, <= 15 bytes) is this"}
+	sockAddrParams := []Param{
+		{Name: "addr", normalize: normAddr, Help: "IPv4 or IPv6 address"},
+		{Name: "port", normalize: normPort, Help: "port 1-65535"},
+		cgroupParam,
+	}
 	errno := Param{Name: "errno", Default: "EPERM", normalize: normErrno, Help: "error to return: EPERM, EACCES, ENOENT, EBUSY or EAGAIN"}
 	return []Kind{
 		{
@@ -61,26 +66,18 @@ func Kinds() []Kind {
 			Summary:    "deny connect() to an address and/or port from a cgroup (TCP and UDP, IPv4, IPv6 and v4-mapped)",
 			Mechanisms: []Mechanism{MechConnect4, MechConnect6},
 			Example:    "connect-deny:addr=127.0.0.1,port=6379,cgroup=/sys/fs/cgroup/unified/web",
-			Params: []Param{
-				{Name: "addr", normalize: normAddr, Help: "IPv4 or IPv6 address"},
-				{Name: "port", normalize: normPort, Help: "port 1-65535"},
-				cgroupParam,
-			},
-			check: needAddrOrPort,
-			plan:  func(env *Env, s Spec) (*Plan, error) { return planSockAddr(env, s, MechConnect4, MechConnect6) },
+			Params:     sockAddrParams,
+			check:      needAddrOrPort,
+			plan:       func(env *Env, s Spec) (*Plan, error) { return planSockAddr(env, s, MechConnect4, MechConnect6) },
 		},
 		{
 			Name:       "bind-deny",
 			Summary:    "deny bind() to an address and/or port in a cgroup (IPv4, IPv6 and v4-mapped)",
 			Mechanisms: []Mechanism{MechBind4, MechBind6},
 			Example:    "bind-deny:port=22,cgroup=/sys/fs/cgroup/unified/web",
-			Params: []Param{
-				{Name: "addr", normalize: normAddr, Help: "IPv4 or IPv6 address"},
-				{Name: "port", normalize: normPort, Help: "port 1-65535"},
-				cgroupParam,
-			},
-			check: needAddrOrPort,
-			plan:  func(env *Env, s Spec) (*Plan, error) { return planSockAddr(env, s, MechBind4, MechBind6) },
+			Params:     sockAddrParams,
+			check:      needAddrOrPort,
+			plan:       func(env *Env, s Spec) (*Plan, error) { return planSockAddr(env, s, MechBind4, MechBind6) },
 		},
 		{
 			Name:       "sysctl-deny",
@@ -187,28 +184,33 @@ func normFamily(v string) (string, error) {
 	return "", errors.New("want inet or inet6 (the cgroup sock_create hook only sees inet sockets)")
 }
 
-var sockTypes = map[string]uint32{"stream": syscall.SOCK_STREAM, "dgram": syscall.SOCK_DGRAM, "raw": syscall.SOCK_RAW, "seqpacket": syscall.SOCK_SEQPACKET}
+// sockTypes, protocols and errnos are fresh maps per call: no package-level mutable state.
+func sockTypes() map[string]uint32 {
+	return map[string]uint32{"stream": syscall.SOCK_STREAM, "dgram": syscall.SOCK_DGRAM, "raw": syscall.SOCK_RAW, "seqpacket": syscall.SOCK_SEQPACKET}
+}
 
 func normSockType(v string) (string, error) {
 	v = strings.TrimPrefix(strings.ToLower(v), "sock_")
-	if _, ok := sockTypes[v]; ok {
+	if _, ok := sockTypes()[v]; ok {
 		return v, nil
 	}
 	return "", errors.New("want stream, dgram, raw or seqpacket")
 }
 
-var protocols = map[string]uint32{"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+func protocols() map[string]uint32 {
+	return map[string]uint32{"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+}
 
 func normProtocol(v string) (string, error) {
 	v = strings.TrimPrefix(strings.ToLower(v), "ipproto_")
-	if _, ok := protocols[v]; ok {
+	if _, ok := protocols()[v]; ok {
 		return v, nil
 	}
 	n, err := strconv.ParseUint(v, 10, 8)
 	if err != nil {
 		return "", errors.New("want tcp, udp, icmp, icmpv6, sctp or a number 0-255")
 	}
-	for name, num := range protocols {
+	for name, num := range protocols() {
 		if uint64(num) == n {
 			return name, nil
 		}
@@ -217,7 +219,7 @@ func normProtocol(v string) (string, error) {
 }
 
 func protocolNumber(v string) uint32 {
-	if n, ok := protocols[v]; ok {
+	if n, ok := protocols()[v]; ok {
 		return n
 	}
 	n, _ := strconv.ParseUint(v, 10, 8)
@@ -290,11 +292,13 @@ func normComm(v string) (string, error) {
 	return v, nil
 }
 
-var errnos = map[string]syscall.Errno{"EPERM": syscall.EPERM, "EACCES": syscall.EACCES, "ENOENT": syscall.ENOENT, "EBUSY": syscall.EBUSY, "EAGAIN": syscall.EAGAIN}
+func errnos() map[string]syscall.Errno {
+	return map[string]syscall.Errno{"EPERM": syscall.EPERM, "EACCES": syscall.EACCES, "ENOENT": syscall.ENOENT, "EBUSY": syscall.EBUSY, "EAGAIN": syscall.EAGAIN}
+}
 
 func normErrno(v string) (string, error) {
 	v = strings.ToUpper(v)
-	if _, ok := errnos[v]; ok {
+	if _, ok := errnos()[v]; ok {
 		return v, nil
 	}
 	return "", errors.New("want EPERM, EACCES, ENOENT, EBUSY or EAGAIN")

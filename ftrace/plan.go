@@ -128,7 +128,7 @@ func planSockCreate(env *Env, s Spec) (*Plan, error) {
 	if s.Params["family"] == "inet6" {
 		family = syscall.AF_INET6
 	}
-	typ, haveType := sockTypes[s.Params["type"]]
+	typ, haveType := sockTypes()[s.Params["type"]]
 	proto, haveProto := s.Params["protocol"]
 	insns := sockCreateProgram(family, typ, protocolNumber(proto), haveType, haveProto)
 	what := s.Params["family"]
@@ -274,7 +274,7 @@ func hookTarget(env *Env, m Mechanism, hook string) (string, error) {
 }
 
 func denyReturn(s Spec) int32 {
-	return -int32(errnos[s.Params["errno"]])
+	return -int32(errnos()[s.Params["errno"]])
 }
 
 func planOpenDeny(env *Env, s Spec) (*Plan, error) {
