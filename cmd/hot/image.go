@@ -22,19 +22,21 @@ tars, or a plain root filesystem.`,
 		newImageImportCmd(opts),
 		newImageLsCmd(opts),
 		newImageInspectCmd(opts),
+		newImageRmCmd(opts),
+		newImageExportCmd(opts),
 	)
 	return cmd
 }
 
 func newImageImportCmd(opts *globalOptions) *cobra.Command {
 	var (
-		tag                  string
-		rootfs               string
-		cmdArgs, entrypoint  []string
-		env                  []string
-		workdir              string
-		asJSON               bool
-		entrypointSet, cmdSe bool
+		tag                   string
+		rootfs                string
+		cmdArgs, entrypoint   []string
+		env                   []string
+		workdir               string
+		asJSON                bool
+		entrypointSet, cmdSet bool
 	)
 	cmd := &cobra.Command{
 		Use:   "import [PATH] [--tag NAME:TAG] | --rootfs DIR|TAR [--cmd ...] [--tag NAME:TAG]",
@@ -56,7 +58,7 @@ and leaves nothing behind.
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			entrypointSet, cmdSe = cmd.Flags().Changed("entrypoint"), cmd.Flags().Changed("cmd")
+			entrypointSet, cmdSet = cmd.Flags().Changed("entrypoint"), cmd.Flags().Changed("cmd")
 			store, err := cowfs.Open(opts.root)
 			if err != nil {
 				return err
@@ -67,7 +69,7 @@ and leaves nothing behind.
 				if entrypointSet {
 					ro.Entrypoint = entrypoint
 				}
-				if cmdSe {
+				if cmdSet {
 					ro.Cmd = cmdArgs
 				}
 				im, err := store.ImportRootfs(cmd.Context(), rootfs, ro)
@@ -76,10 +78,13 @@ and leaves nothing behind.
 				}
 				imported = append(imported, *im)
 			} else {
-				if entrypointSet || cmdSe || len(env) > 0 || workdir != "" {
+				if entrypointSet || cmdSet || len(env) > 0 || workdir != "" {
 					return usageError{fmt.Errorf("--cmd, --entrypoint, --env and --workdir only apply with --rootfs")}
 				}
-				return usageError{fmt.Errorf("importing %s: only --rootfs is implemented so far", args[0])}
+				imported, err = store.Import(cmd.Context(), args[0], cowfs.ImportOptions{Tag: tag})
+				if err != nil {
+					return err
+				}
 			}
 			if asJSON {
 				return writeJSON(cmd.OutOrStdout(), imported)
@@ -231,6 +236,67 @@ func newImageInspectCmd(opts *globalOptions) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")
 	return cmd
+}
+
+func newImageRmCmd(opts *globalOptions) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:     "rm NAME...",
+		Aliases: []string{"remove"},
+		Short:   "Remove images (refused while a container uses them)",
+		Long: `Remove images. A name whose image has other names only loses that name; otherwise the
+image is deleted with the blobs and unpacked layers no other image uses. An image a container
+uses is refused, naming the containers.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageError{fmt.Errorf("want at least one NAME (name:tag, image ID or manifest digest)")}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			store, err := cowfs.Open(opts.root)
+			if err != nil {
+				return err
+			}
+			var all []*cowfs.Removed
+			for _, ref := range args {
+				r, err := store.Remove(cmd.Context(), ref)
+				if err != nil {
+					return err
+				}
+				all = append(all, r)
+				if !asJSON {
+					for _, n := range r.Untagged {
+						fmt.Fprintf(cmd.OutOrStdout(), "untagged %s\n", n)
+					}
+					for _, d := range r.Deleted {
+						fmt.Fprintf(cmd.OutOrStdout(), "deleted %s (%d blobs, %d layers freed)\n", d, r.Blobs, r.Layers)
+					}
+				}
+			}
+			if asJSON {
+				return writeJSON(cmd.OutOrStdout(), all)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print what was removed as JSON")
+	return cmd
+}
+
+func newImageExportCmd(opts *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "export NAME FILE",
+		Short: "Write an image as an OCI archive (re-import gives the same digests)",
+		Args:  exactArgs(2, "NAME and FILE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			store, err := cowfs.Open(opts.root)
+			if err != nil {
+				return err
+			}
+			return store.ExportFile(cmd.Context(), args[0], args[1])
+		},
+	}
 }
 
 func exactArgs(n int, what string) cobra.PositionalArgs {
