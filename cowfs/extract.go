@@ -374,7 +374,7 @@ func (x *extractor) openDir(entry, rel string) (int, error) {
 		if errors.Is(err, unix.ENOENT) {
 			if j := x.lowerSymlink(next); j >= 0 {
 				x.closeDir(cur)
-				return -1, &ExtractError{entry, fmt.Sprintf("%q is a symlink in lower layer %d (%s); writing through a symlink is refused", next, j+1, filepath.Base(x.lowerDir[j]))}
+				return -1, &ExtractError{entry, fmt.Sprintf("%q is a symlink in lower layer %d (diffID sha256:%s); writing through a symlink is refused", next, j+1, strings.TrimPrefix(filepath.Base(x.lowerDir[j]), "layer-"))}
 			}
 			if err := unix.Mkdirat(cur, c, 0o755); err != nil {
 				x.closeDir(cur)
@@ -388,6 +388,10 @@ func (x *extractor) openDir(entry, rel string) (int, error) {
 		case errors.Is(err, unix.ELOOP):
 			return -1, &ExtractError{entry, fmt.Sprintf("%q is a symlink in this layer; writing through a symlink is refused", next)}
 		case errors.Is(err, unix.ENOTDIR):
+			var st unix.Stat_t
+			if unix.Fstatat(x.rootFd, next, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+				return -1, &ExtractError{entry, fmt.Sprintf("%q is a symlink in this layer; writing through a symlink is refused", next)}
+			}
 			return -1, &ExtractError{entry, fmt.Sprintf("%q is not a directory in this layer", next)}
 		default:
 			return -1, fmt.Errorf("layer entry %q: open %s: %w", entry, next, err)
