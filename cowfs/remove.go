@@ -103,35 +103,37 @@ func (s *Store) collect(ix *index, out *Removed) error {
 			keepLayers[d.Encoded()] = true
 		}
 	}
-	blobs, err := os.ReadDir(s.blobDir())
-	if err != nil {
-		return fmt.Errorf("garbage collection: %w", err)
+	var err error
+	if out.Blobs, err = sweep(s.blobDir(), keepBlobs); err != nil {
+		return err
 	}
-	for _, e := range blobs {
-		if !keepBlobs[e.Name()] {
-			if err := os.Remove(filepath.Join(s.blobDir(), e.Name())); err != nil {
-				return fmt.Errorf("garbage collection: %w", err)
-			}
-			out.Blobs++
-		}
-	}
-	layers, err := os.ReadDir(s.layersDir())
-	if err != nil {
-		return fmt.Errorf("garbage collection: %w", err)
-	}
-	for _, e := range layers {
-		if !keepLayers[e.Name()] {
-			if err := os.RemoveAll(filepath.Join(s.layersDir(), e.Name())); err != nil {
-				return fmt.Errorf("garbage collection: %w", err)
-			}
-			out.Layers++
-		}
+	if out.Layers, err = sweep(s.layersDir(), keepLayers); err != nil {
+		return err
 	}
 	stale, _ := os.ReadDir(s.tmpDir())
 	for _, e := range stale {
 		os.RemoveAll(filepath.Join(s.tmpDir(), e.Name()))
 	}
 	return nil
+}
+
+// sweep removes the entries of dir not in keep and returns how many it removed.
+func sweep(dir string, keep map[string]bool) (int, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, fmt.Errorf("garbage collection: %w", err)
+	}
+	n := 0
+	for _, e := range entries {
+		if keep[e.Name()] {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return n, fmt.Errorf("garbage collection: %w", err)
+		}
+		n++
+	}
+	return n, nil
 }
 
 // Export writes ref as an OCI archive (tar of an OCI image layout) to w. The blobs are the
