@@ -95,6 +95,14 @@ func Create(ctx context.Context, name string, res Resources) (*Cgroup, error) {
 		_ = c.Destroy(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("create cgroup %s: %w", name, err)
 	}
+	// A leftover group may have been left frozen by a crash during a checkpoint: every task
+	// added to it would stop at once.
+	if c.freezer != "" {
+		if err := c.thaw(ctx); err != nil {
+			_ = c.Destroy(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("create cgroup %s: %w", name, err)
+		}
+	}
 	return c, nil
 }
 

@@ -323,3 +323,39 @@ func maxMicros(d []time.Duration) float64 {
 	}
 	return float64(m.Nanoseconds()) / 1e3
 }
+
+// TestCreateReusesLeftover: an empty group left behind (here: frozen, as a crash in the middle
+// of a checkpoint leaves it) is reused by Create, thawed and with the new limits.
+func TestCreateReusesLeftover(t *testing.T) {
+	testutil.RequireRoot(t)
+	if _, err := Mode(); err != nil {
+		t.Skipf("no cgroups: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	name := testName(t)
+	old, err := Create(ctx, name, Resources{PidsMax: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Freeze(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Create(ctx, name, Resources{PidsMax: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f, err := c.Frozen(); err != nil || f {
+		t.Errorf("reused group frozen = %v, %v; want thawed", f, err)
+	}
+	dir := c.Paths()["pids"]
+	if c.Mode() == ModeV2 {
+		dir = c.Paths()[unifiedKey]
+	}
+	if v, _ := readTrim(filepath.Join(dir, "pids.max")); v != "7" {
+		t.Errorf("pids.max = %q, want 7", v)
+	}
+	if err := c.Destroy(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -371,3 +371,136 @@ func snapshot(t *testing.T, n *Network) string {
 	return fmt.Sprintf("links=%d mounts=%d nft-elements=%d leases=%d fds=%d netns-files=%d",
 		len(links), mounts, elems, len(list), len(fds), len(nsFiles))
 }
+
+// TestLocalnetGuard: route_localnet on the bridge must not let a container send packets to
+// services the host binds to 127.0.0.1 (CVE-2020-8558). The container routes 127.0.0.1 to the
+// gateway itself (it is root in its netns), as an attacker would, and sends a UDP datagram
+// (one-way, so no reply path is needed). Without the guard rule the host socket receives it.
+func TestLocalnetGuard(t *testing.T) {
+	n := testNetwork(t)
+	testutil.RequireCommand(t, "ip")
+	testutil.RequireCommand(t, "nsenter")
+	ctx := context.Background()
+	a, err := n.Attach(ctx, "evil", AttachRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer secret.Close()
+	for _, args := range [][]string{
+		{"ip", "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local"},
+		{"ip", "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local"},
+		{"ip", "route", "add", "127.0.0.1/32", "via", a.Gateway.String(), "dev", "eth0"},
+		{"sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1"},
+		{"sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"},
+	} {
+		out, err := exec.Command("nsenter", append([]string{"--net=" + a.NetnsPath}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+	}
+	err = inNetns(a.NetnsPath, func() error {
+		c, err := net.Dial("udp4", secret.LocalAddr().String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range 3 {
+			if _, err := c.Write([]byte("attack")); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("send from the container: %v", err)
+	}
+	secret.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, 64)
+	if nb, from, err := secret.ReadFrom(buf); err == nil {
+		t.Fatalf("the host's 127.0.0.1 service received %q from %s in container %s", buf[:nb], from, a.IP)
+	}
+}
+
+// TestConcurrentAttachAndUDP: attaches from several goroutines at once get distinct addresses
+// (the flock serialises them), and a published UDP port reaches the container.
+func TestConcurrentAttachAndUDP(t *testing.T) {
+	n := testNetwork(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const k = 6
+	udpPort := freePort(t)
+	atts := make([]*Attachment, k)
+	errs := make(chan error, k)
+	for i := range k {
+		go func() {
+			var req AttachRequest
+			if i == 0 {
+				req.Ports = []PortMapping{{HostPort: udpPort, ContainerPort: 5353, Proto: "udp"}}
+			}
+			a, err := n.Attach(ctx, fmt.Sprintf("p%d", i), req)
+			atts[i] = a
+			errs <- err
+		}()
+	}
+	for range k {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[netip.Addr]string{}
+	for _, a := range atts {
+		if other, dup := seen[a.IP]; dup {
+			t.Errorf("%s and %s both got %s", a.ID, other, a.IP)
+		}
+		seen[a.IP] = a.ID
+	}
+
+	var pc net.PacketConn
+	if err := inNetns(atts[0].NetnsPath, func() (err error) {
+		pc, err = net.ListenPacket("udp4", ":5353")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			nb, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte("echo:"), buf[:nb]...), from)
+		}
+	}()
+	c, err := net.Dial("udp4", fmt.Sprintf("127.0.0.1:%d", udpPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	nb, err := c.Read(buf)
+	if err != nil || string(buf[:nb]) != "echo:ping" {
+		t.Errorf("UDP through published port %d/udp: %q, %v", udpPort, buf[:nb], err)
+	}
+
+	for i := range k {
+		go func() { errs <- n.Detach(ctx, fmt.Sprintf("p%d", i)) }()
+	}
+	for range k {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	for i := range k {
+		assertNoTrace(t, n, fmt.Sprintf("p%d", i))
+	}
+}

@@ -21,6 +21,8 @@ func tableName(bridge string) string { return "hot-" + bridge }
 //   - masquerade: 127.0.0.1 sources going to the bridge (needs route_localnet on the bridge),
 //     hairpin connections (a container reaching a published port of the same bridge) and
 //     container traffic leaving through another interface.
+//   - input: route_localnet on the bridge would let a container send new connections to the
+//     host's 127.0.0.1 services (CVE-2020-8558 in kube-proxy); only replies may come in.
 func tableScript(bridge string, subnet netip.Prefix) string {
 	return fmt.Sprintf(`table ip %[1]s {
 	comment "hot: bridge %[2]s, subnet %[3]s"
@@ -41,6 +43,10 @@ func tableScript(bridge string, subnet netip.Prefix) string {
 		ip saddr 127.0.0.0/8 oifname %[2]q masquerade
 		ip saddr %[3]s oifname %[2]q ct status dnat masquerade
 		ip saddr %[3]s oifname != %[2]q masquerade
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname %[2]q ip daddr 127.0.0.0/8 ct state { new, invalid, untracked } drop comment "route_localnet must not open the host's 127.0.0.1 services to containers"
 	}
 }
 `, tableName(bridge), bridge, subnet.Masked())
