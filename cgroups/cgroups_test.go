@@ -359,3 +359,38 @@ func TestCreateReusesLeftover(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestUnfrozenTasksNamesRunners: the report a failed Freeze returns names running tasks with
+// their pid, command and state, and leaves out frozen ones.
+func TestUnfrozenTasksNamesRunners(t *testing.T) {
+	testutil.RequireRoot(t)
+	if _, err := Mode(); err != nil {
+		t.Skipf("no cgroups: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Create(ctx, testName(t), Resources{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, done := startBusy(t, c)
+	time.Sleep(20 * time.Millisecond)
+	stuck := c.unfrozenTasks()
+	want := fmt.Sprintf("%d/%d (sh) state ", pid, pid)
+	if len(stuck) != 1 || !strings.HasPrefix(stuck[0], want) {
+		t.Errorf("running group: unfrozenTasks = %q, want one entry starting %q", stuck, want)
+	}
+	if err := c.Freeze(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if stuck := c.unfrozenTasks(); len(stuck) != 0 {
+		t.Errorf("frozen group: unfrozenTasks = %q, want none", stuck)
+	}
+	if err := c.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	if err := c.Destroy(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

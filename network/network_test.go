@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -503,4 +504,46 @@ func TestConcurrentAttachAndUDP(t *testing.T) {
 	for i := range k {
 		assertNoTrace(t, n, fmt.Sprintf("p%d", i))
 	}
+}
+
+// BenchmarkAttachDetach measures one Attach (with one published port) plus one Detach on an
+// existing bridge and table, and reports the medians in ms.
+func BenchmarkAttachDetach(b *testing.B) {
+	testutil.RequireRoot(b)
+	testutil.RequireCommand(b, "nft")
+	n, err := New(Config{Bridge: fmt.Sprintf("hotb%06x", rand.Uint32()&0xffffff),
+		Subnet: netip.MustParsePrefix(fmt.Sprintf("10.213.%d.0/24", rand.IntN(256))), StateDir: b.TempDir(), RunRoot: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	b.Cleanup(func() { _ = n.Teardown(ctx) })
+	if _, err := n.Attach(ctx, "warm", AttachRequest{}); err != nil {
+		b.Fatal(err)
+	}
+	if err := n.Detach(ctx, "warm"); err != nil {
+		b.Fatal(err)
+	}
+	var attach, detach []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		t0 := time.Now()
+		if _, err := n.Attach(ctx, "bench", AttachRequest{Ports: []PortMapping{{HostPort: 45000, ContainerPort: 80, Proto: "tcp"}}}); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := n.Detach(ctx, "bench"); err != nil {
+			b.Fatal(err)
+		}
+		attach, detach = append(attach, t1.Sub(t0)), append(detach, time.Since(t1))
+	}
+	b.StopTimer()
+	b.ReportMetric(medianMs(attach), "attach-median-ms")
+	b.ReportMetric(medianMs(detach), "detach-median-ms")
+}
+
+func medianMs(d []time.Duration) float64 {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return float64(s[len(s)/2].Microseconds()) / 1e3
 }
