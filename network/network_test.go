@@ -352,15 +352,29 @@ func TestAttachDetachCycles(t *testing.T) {
 	if before != after {
 		t.Errorf("leak after 20 cycles:\nbefore %s\nafter  %s", before, after)
 	}
+	for i := range 20 {
+		assertNoTrace(t, n, fmt.Sprintf("cyc%d", i))
+	}
 }
 
-// snapshot summarises what the host holds: interface count, mounts under the run root,
+// snapshot summarises what the host holds: ports of the bridge, mounts under the run root,
 // elements of the ports map, leases, open fds of this process.
 func snapshot(t *testing.T, n *Network) string {
 	t.Helper()
-	links, err := netlink.LinkList()
+	// Only this test's links count: other tests on the host may add and remove their own.
+	all, err := netlink.LinkList()
 	if err != nil {
 		t.Fatal(err)
+	}
+	br, err := netlink.LinkByName(n.cfg.Bridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var links []string
+	for _, l := range all {
+		if l.Attrs().MasterIndex == br.Attrs().Index {
+			links = append(links, l.Attrs().Name)
+		}
 	}
 	mi, _ := os.ReadFile("/proc/self/mountinfo")
 	mounts := strings.Count(string(mi), n.cfg.RunRoot)
@@ -369,8 +383,8 @@ func snapshot(t *testing.T, n *Network) string {
 	list, _ := n.List()
 	fds, _ := os.ReadDir("/proc/self/fd")
 	nsFiles, _ := os.ReadDir(n.NetnsPath(""))
-	return fmt.Sprintf("links=%d mounts=%d nft-elements=%d leases=%d fds=%d netns-files=%d",
-		len(links), mounts, elems, len(list), len(fds), len(nsFiles))
+	return fmt.Sprintf("links=%q mounts=%d nft-elements=%d leases=%d fds=%d netns-files=%d",
+		links, mounts, elems, len(list), len(fds), len(nsFiles))
 }
 
 // TestLocalnetGuard: route_localnet on the bridge must not let a container send packets to
