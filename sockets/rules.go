@@ -1,0 +1,150 @@
+package sockets
+
+import (
+	"fmt"
+	"strings"
+)
+
+// holdComment marks every rule a Holder installs, so that Cleanup finds rules a crashed hot
+// left behind. The queue number follows the colon.
+const holdComment = "hot-hold"
+
+// soccrMark is the packet mark CRIU's libsoccr puts on traffic of sockets it is repairing
+// (SOCCR_MARK in CRIU's source). CRIU's own network lock lets such packets through; the hold
+// rule does the same.
+const soccrMark = "0xc114"
+
+// holdRuleSpec returns the iptables arguments (after -I/-D INPUT) of the hold rule for queue q.
+// Deliberately no --queue-bypass: if the reader is gone, packets are dropped (the client
+// retransmits) instead of reaching a socket that is being restored and answering with RST.
+func holdRuleSpec(q uint16) []string {
+	return []string{
+		"-m", "mark", "!", "--mark", soccrMark,
+		"-m", "comment", "--comment", fmt.Sprintf("%s:%d", holdComment, q),
+		"-j", "NFQUEUE", "--queue-num", fmt.Sprint(q),
+	}
+}
+
+// saveRule is one "-A CHAIN ..." line of iptables-save output, split into words.
+type saveRule struct {
+	Chain string
+	Args  []string // words after the chain name
+	Line  string   // the original line
+}
+
+// parseSave returns the rules and user chains of the filter table in iptables-save output.
+func parseSave(out string) (rules []saveRule, chains []string) {
+	inFilter := false
+	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "*"):
+			inFilter = line == "*filter"
+		case !inFilter:
+		case strings.HasPrefix(line, ":"):
+			if f := strings.Fields(line[1:]); len(f) > 0 {
+				chains = append(chains, f[0])
+			}
+		case strings.HasPrefix(line, "-A "):
+			words := splitSaveWords(line)
+			if len(words) < 2 {
+				continue
+			}
+			rules = append(rules, saveRule{Chain: words[1], Args: words[2:], Line: line})
+		}
+	}
+	return rules, chains
+}
+
+// splitSaveWords splits an iptables-save line into words the way iptables-restore does:
+// blanks separate words, double quotes group them, a backslash escapes the next character.
+func splitSaveWords(line string) []string {
+	var words []string
+	var cur strings.Builder
+	inQuote, have := false, false
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		switch {
+		case c == '\\' && i+1 < len(line):
+			i++
+			cur.WriteByte(line[i])
+			have = true
+		case c == '"':
+			inQuote = !inQuote
+			have = true
+		case (c == ' ' || c == '\t') && !inQuote:
+			if have {
+				words = append(words, cur.String())
+				cur.Reset()
+				have = false
+			}
+		default:
+			cur.WriteByte(c)
+			have = true
+		}
+	}
+	if have {
+		words = append(words, cur.String())
+	}
+	return words
+}
+
+// deleteLine turns an iptables-save "-A CHAIN ..." line into the "-D CHAIN ..." line that
+// iptables-restore --noflush uses to delete exactly that rule.
+func deleteLine(r saveRule) string {
+	return "-D" + strings.TrimPrefix(r.Line, "-A")
+}
+
+// hasWordPair reports whether args contain key immediately followed by a value accepted by ok.
+func hasWordPair(args []string, key string, ok func(string) bool) bool {
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == key && ok(args[i+1]) {
+			return true
+		}
+	}
+	return false
+}
+
+// isHoldRule reports whether r was installed by a Holder (any queue).
+func isHoldRule(r saveRule) bool {
+	return hasWordPair(r.Args, "--comment", func(v string) bool {
+		return v == holdComment || strings.HasPrefix(v, holdComment+":")
+	})
+}
+
+// isCRIURule reports whether r belongs to CRIU's iptables network lock: a jump to (or a rule
+// in) the CRIU chain, or a per-connection lock rule (`-m mark ! --mark 0xc114 ... -j DROP`).
+func isCRIURule(r saveRule) bool {
+	if r.Chain == "CRIU" || hasWordPair(r.Args, "-j", func(v string) bool { return v == "CRIU" }) {
+		return true
+	}
+	notMark := false
+	for i := 0; i+2 < len(r.Args); i++ {
+		if r.Args[i] == "!" && r.Args[i+1] == "--mark" && strings.EqualFold(markValue(r.Args[i+2]), soccrMark) {
+			notMark = true
+		}
+	}
+	return notMark && hasWordPair(r.Args, "-j", func(v string) bool { return v == "DROP" })
+}
+
+// markValue drops a "/mask" suffix that iptables-save may print after a mark.
+func markValue(v string) string {
+	if i := strings.IndexByte(v, '/'); i >= 0 {
+		return v[:i]
+	}
+	return v
+}
+
+// nftCRIUTables returns the "FAMILY NAME" of every table in `nft list tables` output that
+// CRIU's nftables network lock creates: `inet CRIU-<run id>` (CRIU >= 3.18 uses the run's UUID,
+// older images the root task's PID).
+func nftCRIUTables(out string) []string {
+	var tables []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 3 && f[0] == "table" && f[1] == "inet" && strings.HasPrefix(f[2], "CRIU-") {
+			tables = append(tables, f[1]+" "+f[2])
+		}
+	}
+	return tables
+}
