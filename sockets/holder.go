@@ -34,16 +34,20 @@ type HoldOptions struct {
 	Queue uint16
 	// MaxQueueLen is the most packets the kernel keeps for one hold; 0 means DefaultMaxQueueLen.
 	MaxQueueLen uint32
+	// Legacy uses the iptables-legacy/ip6tables-legacy binaries (xtables legacy backend)
+	// instead of iptables, which is tried first otherwise (nf_tables backend on Debian 12).
+	// The system's alternatives are never changed.
+	Legacy bool
 	// Logger receives debug and warning messages; nil means slog.Default().
 	Logger *slog.Logger
 }
 
 // HoldStats describe one Hold/Release cycle.
 type HoldStats struct {
-	Packets         int           `json:"packets"`           // packets held and then released
-	HoldDuration    time.Duration `json:"hold_duration"`     // Hold() to Release()
-	MaxPacketWait   time.Duration `json:"max_packet_wait"`   // first held packet's arrival to its release
-	ReleaseDuration time.Duration `json:"release_duration"`  // time to hand all held packets back to the kernel
+	Packets         int           `json:"packets"`             // packets held and then released
+	HoldDuration    time.Duration `json:"hold_duration"`       // Hold() to Release()
+	MaxPacketWait   time.Duration `json:"max_packet_wait"`     // first held packet's arrival to its release
+	ReleaseDuration time.Duration `json:"release_duration"`    // time to hand all held packets back to the kernel
 	Overflows       int           `json:"overflows,omitempty"` // notifications lost (kernel dropped those packets)
 }
 
@@ -116,7 +120,7 @@ func NewHolder(ctx context.Context, netnsPath string, opts HoldOptions) (*Holder
 	if err := h.startReader(opts); err != nil {
 		return nil, err
 	}
-	if err := h.installRules(ctx); err != nil {
+	if err := h.installRules(ctx, opts.Legacy); err != nil {
 		h.stopReader()
 		return nil, err
 	}
@@ -201,12 +205,16 @@ func setReadBuffer(nf *nfqueue.Nfqueue, n int) error {
 }
 
 // installRules puts the hold rule at the top of INPUT, for IPv4 and IPv6, with the first
-// iptables backend that accepts an NFQUEUE target.
-func (h *Holder) installRules(ctx context.Context) error {
+// iptables backend that accepts an NFQUEUE target (only the legacy one if onlyLegacy).
+func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
 	spec := holdRuleSpec(h.queue)
 	tools := allTools()
 	var failures []string
-	for _, legacy := range []bool{false, true} {
+	backends := []bool{false, true}
+	if onlyLegacy {
+		backends = []bool{true}
+	}
+	for _, legacy := range backends {
 		var rules []installedRule
 		ok := true
 		for _, t := range tools {

@@ -18,7 +18,12 @@ const pause = 150 * time.Millisecond
 
 func newTestHolder(t testing.TB, n *testNet) *Holder {
 	t.Helper()
-	h, err := NewHolder(context.Background(), n.Path, HoldOptions{})
+	return newTestHolderOpts(t, n, HoldOptions{})
+}
+
+func newTestHolderOpts(t testing.TB, n *testNet, opts HoldOptions) *Holder {
+	t.Helper()
+	h, err := NewHolder(context.Background(), n.Path, opts)
 	if errors.Is(err, ErrNotSupported) {
 		t.Skipf("holding packets is not possible here: %v", err)
 	}
@@ -94,42 +99,15 @@ func TestHoldThenRelease(t *testing.T) {
 	c := dialClient(t, srv)
 	roundTrips(t, c, 5)
 	h := newTestHolder(t, n)
-	roundTrips(t, c, 5)
-	retrans := c.hostRetransmits(t)
-	seen := srv.lines.Load()
-
-	if err := h.Hold(); err != nil {
-		t.Fatal(err)
+	r := holdCycle(t, h, c, func(req int) { c.expectNoAnswer(t, srv, req, pause) })
+	if r.Stats.Packets < 1 {
+		t.Errorf("stats counted %d held packets, want >= 1: %+v", r.Stats.Packets, r.Stats)
 	}
-	sent := time.Now()
-	req, err := c.send()
-	if err != nil {
-		t.Fatal(err)
+	if r.Retransmits != 0 {
+		t.Errorf("client retransmitted %d segments during a %v hold, want 0", r.Retransmits, pause)
 	}
-	var ne net.Error
-	if err := c.await(req, pause); !errors.As(err, &ne) || !ne.Timeout() {
-		t.Fatalf("during the hold the request was answered or failed: %v", err)
-	}
-	if got := srv.lines.Load(); got != seen {
-		t.Fatalf("server received %d requests during the hold, want 0", got-seen)
-	}
-	released := time.Now()
-	st, err := h.Release()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.await(req, 2*time.Second); err != nil {
-		t.Fatalf("answer after release: %v", err)
-	}
-	answered := time.Now()
-	if st.Packets < 1 {
-		t.Errorf("stats counted %d held packets, want >= 1: %+v", st.Packets, st)
-	}
-	if got := c.hostRetransmits(t) - retrans; got != 0 {
-		t.Errorf("client retransmitted %d segments during a %v hold, want 0", got, pause)
-	}
-	if afterRelease := answered.Sub(released); afterRelease > 100*time.Millisecond {
-		t.Errorf("answer came %v after release: not released promptly", afterRelease)
+	if r.AfterRelease > 100*time.Millisecond {
+		t.Errorf("answer came %v after release: not released promptly", r.AfterRelease)
 	}
 	if _, err := c.roundTrip(2 * time.Second); err != nil {
 		t.Fatalf("same connection after release: %v", err)
@@ -138,79 +116,102 @@ func TestHoldThenRelease(t *testing.T) {
 		t.Error("still holding after Release")
 	}
 	t.Logf("held %d packets for %v (longest packet wait %v); release took %v; client waited %v, answer %v after release",
-		st.Packets, st.HoldDuration.Round(time.Microsecond), st.MaxPacketWait.Round(time.Microsecond),
-		st.ReleaseDuration, answered.Sub(sent).Round(time.Microsecond), answered.Sub(released).Round(time.Microsecond))
+		r.Stats.Packets, r.Stats.HoldDuration.Round(time.Microsecond), r.Stats.MaxPacketWait.Round(time.Microsecond),
+		r.Stats.ReleaseDuration, r.Wait.Round(time.Microsecond), r.AfterRelease.Round(time.Microsecond))
 }
 
 // (c) The same pause with a DROP rule, as CRIU's network lock does it: the client only gets its
-// answer after its retransmission timer (>= 200 ms) fires, and it retransmits.
+// answer after its retransmission timer (>= 200 ms, doubling) fires. Held, it gets it at the
+// end of the pause.
 func TestHoldVersusDrop(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
 	c := dialClient(t, srv)
 	roundTrips(t, c, 20)
+	h := newTestHolder(t, n)
+	for _, p := range []time.Duration{pause, 450 * time.Millisecond} {
+		dropWait, dropRetrans := dropCycle(t, n, c, p)
+		r := holdCycle(t, h, c, func(int) { time.Sleep(p) })
+		holdWait, holdRetrans, st := r.Wait, r.Retransmits, r.Stats
+		t.Logf("pause %v dropped (CRIU's lock): client waited %v, %d retransmissions", p, dropWait.Round(time.Millisecond), dropRetrans)
+		t.Logf("pause %v held (NFQUEUE):       client waited %v, %d retransmissions, %d packets held, release took %v",
+			p, holdWait.Round(time.Millisecond), holdRetrans, st.Packets, st.ReleaseDuration)
+		if dropRetrans == 0 {
+			t.Errorf("dropping for %v caused no retransmission: the comparison is void", p)
+		}
+		if p < 200*time.Millisecond && holdRetrans != 0 {
+			t.Errorf("holding for %v caused %d retransmissions, want 0", p, holdRetrans)
+		}
+		if dropWait < 200*time.Millisecond {
+			t.Errorf("dropped request answered after %v, before the 200 ms minimum retransmission timeout", dropWait)
+		}
+		if holdWait >= dropWait {
+			t.Errorf("holding did not shorten the client's wait: held %v, dropped %v", holdWait, dropWait)
+		}
+		if holdWait > p+100*time.Millisecond {
+			t.Errorf("held request answered %v after it was sent, pause was %v", holdWait, p)
+		}
+	}
+}
 
-	// Dropped.
+// dropCycle drops the netns's incoming traffic for p while one request is outstanding and
+// returns how long the client waited for the answer and how many segments it retransmitted.
+// The pause runs from the request until the DROP rule is gone (iptables takes a few ms).
+func dropCycle(t *testing.T, n *testNet, c *client, p time.Duration) (time.Duration, uint32) {
+	t.Helper()
+	roundTrips(t, c, 5)
 	retrans := c.hostRetransmits(t)
-	dropSpec := []string{"-m", "comment", "--comment", "hot-test-drop", "-j", "DROP"}
-	if _, err := runIn(context.Background(), n.Path, "", "iptables", append([]string{"-w", "-I", "INPUT", "1"}, dropSpec...)...); err != nil {
+	spec := []string{"-m", "comment", "--comment", "hot-test-drop", "-j", "DROP"}
+	if _, err := runIn(context.Background(), n.Path, "", "iptables", append([]string{"-w", "-I", "INPUT", "1"}, spec...)...); err != nil {
 		t.Fatal(err)
 	}
-	dropSent := time.Now()
+	sent := time.Now()
 	req, err := c.send()
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(pause)
-	if _, err := runIn(context.Background(), n.Path, "", "iptables", append([]string{"-w", "-D", "INPUT"}, dropSpec...)...); err != nil {
+	time.Sleep(p - 10*time.Millisecond) // the rule removal below takes about 10 ms
+	if _, err := runIn(context.Background(), n.Path, "", "iptables", append([]string{"-w", "-D", "INPUT"}, spec...)...); err != nil {
 		t.Fatal(err)
 	}
-	dropPause := time.Since(dropSent)
-	if err := c.await(req, 5*time.Second); err != nil {
+	if err := c.await(req, 10*time.Second); err != nil {
 		t.Fatalf("answer after the drop rule went: %v", err)
 	}
-	dropWait := time.Since(dropSent)
-	dropRetrans := c.hostRetransmits(t) - retrans
+	return time.Since(sent), c.hostRetransmits(t) - retrans
+}
 
-	// Held.
-	roundTrips(t, c, 20)
-	h := newTestHolder(t, n)
-	roundTrips(t, c, 20)
-	retrans = c.hostRetransmits(t)
+// cycle is what a client saw of one hold.
+type cycle struct {
+	Wait         time.Duration // request sent to answer received
+	AfterRelease time.Duration // Release called to answer received
+	Retransmits  uint32        // segments the client retransmitted meanwhile
+	Stats        HoldStats
+}
+
+// holdCycle holds, sends one request, runs during (which makes the pause), releases and
+// waits for the answer.
+func holdCycle(t testing.TB, h *Holder, c *client, during func(req int)) cycle {
+	t.Helper()
+	roundTrips(t, c, 5)
+	retrans := c.hostRetransmits(t)
 	if err := h.Hold(); err != nil {
 		t.Fatal(err)
 	}
-	holdSent := time.Now()
-	if req, err = c.send(); err != nil {
+	sent := time.Now()
+	req, err := c.send()
+	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(pause)
+	during(req)
+	released := time.Now()
 	st, err := h.Release()
 	if err != nil {
 		t.Fatal(err)
 	}
-	holdPause := time.Since(holdSent)
-	if err := c.await(req, 5*time.Second); err != nil {
+	if err := c.await(req, 10*time.Second); err != nil {
 		t.Fatalf("answer after release: %v", err)
 	}
-	holdWait := time.Since(holdSent)
-	holdRetrans := c.hostRetransmits(t) - retrans
-
-	t.Logf("pause %v dropped (CRIU's lock): client waited %v, %d retransmissions", dropPause.Round(time.Millisecond), dropWait.Round(time.Millisecond), dropRetrans)
-	t.Logf("pause %v held (NFQUEUE): client waited %v, %d retransmissions, %d packets held, release %v",
-		holdPause.Round(time.Millisecond), holdWait.Round(time.Millisecond), holdRetrans, st.Packets, st.ReleaseDuration)
-	if dropRetrans == 0 {
-		t.Errorf("dropping for %v caused no retransmission: the comparison is void", pause)
-	}
-	if holdRetrans != 0 {
-		t.Errorf("holding for %v caused %d retransmissions, want 0", pause, holdRetrans)
-	}
-	if dropWait < 200*time.Millisecond {
-		t.Errorf("dropped request answered after %v, before the 200 ms minimum retransmission timeout", dropWait)
-	}
-	if holdWait >= dropWait {
-		t.Errorf("holding did not shorten the client's wait: held %v, dropped %v", holdWait, dropWait)
-	}
+	return cycle{Wait: time.Since(sent), AfterRelease: time.Since(released), Retransmits: c.hostRetransmits(t) - retrans, Stats: st}
 }
 
 // (d) Close removes every rule (also on context cancel) and traffic flows without the reader.
@@ -287,18 +288,12 @@ func TestCleanupAfterCrash(t *testing.T) {
 	if _, err := runIn(context.Background(), n.Path, "", "iptables", args...); err != nil {
 		t.Fatal(err)
 	}
-	seen := srv.lines.Load()
 	req, err := c.send()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ne net.Error
-	if err := c.await(req, 300*time.Millisecond); !errors.As(err, &ne) || !ne.Timeout() {
-		t.Fatalf("with an orphaned hold rule the request was answered or failed: %v", err)
-	}
-	if srv.lines.Load() != seen {
-		t.Fatal("an orphaned hold rule let a packet through (it must drop, no --queue-bypass)")
-	}
+	// An orphaned hold rule must drop (no --queue-bypass), never let a packet through.
+	c.expectNoAnswer(t, srv, req, 300*time.Millisecond)
 	if err := Cleanup(context.Background(), n.Path); err != nil {
 		t.Fatalf("Cleanup: %v", err)
 	}
@@ -324,4 +319,95 @@ func TestBadNetnsPath(t *testing.T) {
 			t.Errorf("CleanupCRIULock(%q) succeeded", p)
 		}
 	}
+}
+
+// Many connections sending pipelined requests, and a new connection opened, during one hold:
+// nothing reaches the server until Release, then everything is answered in order, nothing lost.
+func TestHoldManyConnections(t *testing.T) {
+	n := newTestNet(t)
+	srv := startEchoServer(t, n)
+	var clients []*client
+	for range 8 {
+		c := dialClient(t, srv)
+		roundTrips(t, c, 2)
+		clients = append(clients, c)
+	}
+	h := newTestHolder(t, n)
+	if err := h.Hold(); err != nil {
+		t.Fatal(err)
+	}
+	seen := srv.lines.Load()
+	const perClient = 20
+	first := make([]int, len(clients))
+	for i, c := range clients {
+		for j := range perClient {
+			req, err := c.send()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if j == 0 {
+				first[i] = req
+			}
+		}
+	}
+	type dialResult struct {
+		c   net.Conn
+		err error
+	}
+	dialed := make(chan dialResult, 1)
+	go func() {
+		c, err := net.DialTimeout("tcp4", srv.Addr.String(), 5*time.Second)
+		dialed <- dialResult{c, err}
+	}()
+	time.Sleep(pause)
+	select {
+	case r := <-dialed:
+		t.Fatalf("a new connection completed during the hold: %v", r.err)
+	default:
+	}
+	if got := srv.lines.Load(); got != seen {
+		t.Fatalf("server received %d requests during the hold, want 0", got-seen)
+	}
+	st, err := h.Release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range clients {
+		for j := range perClient {
+			if err := c.await(first[i]+j, 2*time.Second); err != nil {
+				t.Fatalf("client %d request %d after release: %v", i, first[i]+j, err)
+			}
+		}
+	}
+	r := <-dialed
+	if r.err != nil {
+		t.Fatalf("connection opened during the hold: %v", r.err)
+	}
+	r.c.Close()
+	if st.Packets < len(clients)+1 || st.Overflows != 0 {
+		t.Errorf("stats %+v: want >= %d packets held and no overflow", st, len(clients)+1)
+	}
+	t.Logf("%d connections x %d requests + 1 new connection: %d packets held, released in %v", len(clients), perClient, st.Packets, st.ReleaseDuration)
+}
+
+// The legacy xtables backend (iptables-legacy, called explicitly) holds just as well.
+func TestHoldLegacyBackend(t *testing.T) {
+	testutil.RequireCommand(t, "iptables-legacy")
+	n := newTestNet(t)
+	srv := startEchoServer(t, n)
+	c := dialClient(t, srv)
+	h := newTestHolderOpts(t, n, HoldOptions{Legacy: true})
+	if got := h.Stats().Backend; got != "iptables-legacy" {
+		t.Fatalf("backend %q, want iptables-legacy", got)
+	}
+	r := holdCycle(t, h, c, func(int) { time.Sleep(pause) })
+	if r.Retransmits != 0 || r.Stats.Packets < 1 || r.Wait > pause+100*time.Millisecond {
+		t.Errorf("legacy hold: %+v", r)
+	}
+	t.Logf("legacy backend: pause %v held, client waited %v, %d packets held", pause, r.Wait.Round(time.Millisecond), r.Stats.Packets)
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	assertNoHoldRules(t, n)
+	roundTrips(t, c, 2)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -205,7 +206,21 @@ func (c *client) roundTrip(d time.Duration) (time.Duration, error) {
 	return time.Since(start), err
 }
 
-// localPort returns the client's local address.
+// expectNoAnswer fails the test unless request req stays unanswered for d and the server
+// receives nothing meanwhile (not even the request, wherever it got stuck).
+func (c *client) expectNoAnswer(t testing.TB, srv *echoServer, req int, d time.Duration) {
+	t.Helper()
+	seen := srv.lines.Load()
+	var ne net.Error
+	if err := c.await(req, d); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("request %d was answered or failed while traffic should be stopped: %v", req, err)
+	}
+	if got := srv.lines.Load(); got != seen {
+		t.Fatalf("server received %d requests while traffic should be stopped, want 0", got-seen)
+	}
+}
+
+// local returns the client's local address.
 func (c *client) local() netip.AddrPort { return netip.MustParseAddrPort(c.conn.LocalAddr().String()) }
 
 // hostRetransmits returns the client socket's lifetime retransmission count (sock_diag in the
