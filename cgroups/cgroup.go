@@ -366,8 +366,14 @@ func readPids(file string) ([]int, error) {
 // Kill sends SIGKILL to every process of the group and waits until the group is empty in
 // every hierarchy. It freezes the group first so that nothing forks between listing and
 // killing (cgroup.kill does the same in one step on cgroup2), then thaws so the killed tasks
-// can die. The processes must be reaped by their parent to disappear.
+// can die. Zombies leave cgroup.procs when they exit, so no reaper is needed. Without a
+// deadline in ctx it gives up after 30s (a task stuck in uninterruptible sleep cannot die).
 func (c *Cgroup) Kill(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+	}
 	delay := 50 * time.Microsecond
 	for {
 		pids, err := c.allProcs()
@@ -399,7 +405,7 @@ func (c *Cgroup) Kill(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			left, _ := c.allProcs()
-			return fmt.Errorf("kill cgroup %s: processes %v still present: %w (are they reaped by their parent?)", c.name, left, ctx.Err())
+			return fmt.Errorf("kill cgroup %s: processes %v still present: %w (see their state in /proc/<pid>/stat: D means stuck in the kernel)", c.name, left, ctx.Err())
 		case <-time.After(delay):
 		}
 		delay = min(delay*2, 10*time.Millisecond)

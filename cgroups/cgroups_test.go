@@ -394,3 +394,40 @@ func TestUnfrozenTasksNamesRunners(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestKillWithoutReaper: Kill returns and Destroy succeeds while the killed processes are
+// still unreaped zombies (a crashed monitor cannot reap), and a forking child is caught too.
+func TestKillWithoutReaper(t *testing.T) {
+	testutil.RequireRoot(t)
+	if _, err := Mode(); err != nil {
+		t.Skipf("no cgroups: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Create(ctx, testName(t), Resources{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The shell keeps forking sleepers; its children join the group with it.
+	cmd := exec.Command("sh", "-c", "while :; do sleep 100 & sleep 0.01; done")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.AddProc(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if pids, _ := c.Procs(); len(pids) < 3 {
+		t.Fatalf("want the shell and several sleepers in the group, got %v", pids)
+	}
+	if err := c.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Destroy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = cmd.Wait() // reaped only now
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ProcessState.String() != "signal: killed" {
+		t.Errorf("shell exit: %v, want killed", err)
+	}
+}
