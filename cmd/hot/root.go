@@ -53,6 +53,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newManCmd(root),
 		newImageCmd(opts),
 	)
+	root.AddCommand(containerCommands(opts)...)
 	return root
 }
 

@@ -1,0 +1,369 @@
+package container
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/hotctl/hot/cgroups"
+	"github.com/hotctl/hot/cowfs"
+	"github.com/hotctl/hot/network"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+func (c *Container) active() bool { return c.Status == StatusRunning || c.Status == StatusPaused }
+
+func notRunning(c *Container) error {
+	if c.Status == StatusUnknown {
+		return fmt.Errorf("container %s is in an unknown state: %s", c.Name, c.Reason)
+	}
+	return fmt.Errorf("container %s is %s: start a new one with 'hot run'", c.Name, c.Status)
+}
+
+// Signal sends sig to the container's init through its monitor.
+func (m *Manager) Signal(ctx context.Context, ref string, sig syscall.Signal) error {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lk.Unlock()
+	c := m.view(st, true)
+	if !c.active() {
+		return notRunning(c)
+	}
+	if _, err := callMonitor(ctx, m.p.socket(st.ID), Request{Op: OpSignal, Signal: int(sig)}); err != nil {
+		return fmt.Errorf("signal %s: %w", st.Name, err)
+	}
+	if c.Status == StatusPaused && (sig == unix.SIGKILL || sig == unix.SIGTERM) {
+		// A frozen task cannot act on a signal; thaw so that it takes effect.
+		if err := m.thaw(ctx, st); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop sends SIGTERM, waits up to timeout for the init to exit, then SIGKILLs the container's
+// whole cgroup. Stopping a stopped container is not an error.
+func (m *Manager) Stop(ctx context.Context, ref string, timeout time.Duration) (*Container, error) {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	defer lk.Unlock()
+	c := m.view(st, true)
+	if c.Status == StatusExited {
+		return c, nil
+	}
+	if !c.active() {
+		return nil, notRunning(c)
+	}
+	sock := m.p.socket(st.ID)
+	if _, err := callMonitor(ctx, sock, Request{Op: OpSignal, Signal: int(unix.SIGTERM)}); err != nil {
+		return nil, fmt.Errorf("stop %s: %w", st.Name, err)
+	}
+	if c.Status == StatusPaused {
+		if err := m.thaw(ctx, st); err != nil {
+			return nil, err
+		}
+	}
+	if m.waitExit(ctx, sock, timeout) {
+		return m.view(st, true), nil
+	}
+	m.log.Info("container did not stop in time, killing", "name", st.Name, "timeout", timeout)
+	if cg, err := cgroups.Load(st.Cgroup); err == nil {
+		if err := cg.Kill(ctx); err != nil {
+			return nil, fmt.Errorf("kill cgroup of %s: %w", st.Name, err)
+		}
+	} else {
+		callMonitor(ctx, sock, Request{Op: OpSignal, Signal: int(unix.SIGKILL)})
+	}
+	if !m.waitExit(ctx, sock, 10*time.Second) {
+		return nil, fmt.Errorf("stop %s: init did not exit 10s after SIGKILL", st.Name)
+	}
+	return m.view(st, true), nil
+}
+
+func (m *Manager) waitExit(ctx context.Context, sock string, d time.Duration) bool {
+	wctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	_, err := callMonitor(wctx, sock, Request{Op: OpWait})
+	return err == nil
+}
+
+// Wait blocks until the container's init exits and returns its final view.
+func (m *Manager) Wait(ctx context.Context, ref string) (*Container, error) {
+	st, err := m.find(ref)
+	if err != nil {
+		return nil, err
+	}
+	if c := m.view(st, false); !c.active() {
+		return c, nil
+	}
+	if _, err := callMonitor(ctx, m.p.socket(st.ID), Request{Op: OpWait}); err != nil {
+		return nil, fmt.Errorf("wait for %s: %w", st.Name, err)
+	}
+	return m.view(st, false), nil
+}
+
+// Pause freezes the container's cgroup; it returns once every task is frozen.
+func (m *Manager) Pause(ctx context.Context, ref string) error {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lk.Unlock()
+	c := m.view(st, true)
+	if c.Status == StatusPaused {
+		return fmt.Errorf("container %s is already paused: resume it with 'hot resume %s'", st.Name, st.Name)
+	}
+	if c.Status != StatusRunning {
+		return notRunning(c)
+	}
+	cg, err := cgroups.Load(st.Cgroup)
+	if err != nil {
+		return fmt.Errorf("pause %s: %w", st.Name, err)
+	}
+	if err := cg.Freeze(ctx); err != nil {
+		return fmt.Errorf("pause %s: %w", st.Name, err)
+	}
+	st.Status = StatusPaused
+	return m.p.saveState(st)
+}
+
+// Resume thaws a paused container.
+func (m *Manager) Resume(ctx context.Context, ref string) error {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lk.Unlock()
+	c := m.view(st, true)
+	if c.Status != StatusPaused {
+		if c.Status == StatusRunning {
+			return fmt.Errorf("container %s is not paused", st.Name)
+		}
+		return notRunning(c)
+	}
+	return m.thaw(ctx, st)
+}
+
+func (m *Manager) thaw(ctx context.Context, st *State) error {
+	cg, err := cgroups.Load(st.Cgroup)
+	if err != nil {
+		return fmt.Errorf("resume %s: %w", st.Name, err)
+	}
+	if err := cg.Thaw(ctx); err != nil {
+		return fmt.Errorf("resume %s: %w", st.Name, err)
+	}
+	if st.Status == StatusPaused {
+		st.Status = StatusRunning
+		return m.p.saveState(st)
+	}
+	return nil
+}
+
+// Remove deletes a container. A running (or unknown) container needs force, which kills
+// it first. Every step tolerates leftovers of crashed or interrupted commands, so
+// `hot rm -f` cleans whatever a crash left.
+func (m *Manager) Remove(ctx context.Context, ref string, force bool) error {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lk.Unlock()
+	c := m.view(st, true)
+	if !force && c.Status != StatusExited {
+		if c.Status == StatusUnknown {
+			return fmt.Errorf("container %s is in an unknown state (%s): remove it with 'hot rm -f %s'", st.Name, c.Reason, st.Name)
+		}
+		return fmt.Errorf("container %s is %s: stop it first ('hot stop %s') or use 'hot rm -f %s'", st.Name, c.Status, st.Name, st.Name)
+	}
+	return m.cleanup(ctx, st)
+}
+
+// cleanup removes everything a container may have on the host, in reverse order of creation.
+// Each step is idempotent; errors are collected and the state directory is kept when any step
+// fails, so that a retry can finish the job.
+func (m *Manager) cleanup(ctx context.Context, st *State) error {
+	var errs []error
+	cg, cgErr := cgroups.Load(st.Cgroup)
+	if cgErr == nil {
+		if err := cg.Kill(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("kill processes of %s: %w", st.Name, err))
+		}
+	}
+	if st.MonitorPid != 0 && procAlive(st.MonitorPid, st.MonitorStart) {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := callMonitor(sctx, m.p.socket(st.ID), Request{Op: OpShutdown, Force: true})
+		cancel()
+		if err != nil || !waitGone(st.MonitorPid, st.MonitorStart, 5*time.Second) {
+			killPid(st.MonitorPid, unix.SIGKILL)
+			waitGone(st.MonitorPid, st.MonitorStart, 5*time.Second)
+		}
+	}
+	if st.Pid != 0 && procAlive(st.Pid, st.PidStart) {
+		// Only when its cgroup was gone: an init that escaped it.
+		killPid(st.Pid, unix.SIGKILL)
+		waitGone(st.Pid, st.PidStart, 5*time.Second)
+	}
+	if err := unmountAll(st.Rootfs); err != nil {
+		errs = append(errs, err)
+	}
+	if st.Network.Mode == "bridge" {
+		n, err := network.New(m.networkConfig(st))
+		if err == nil {
+			err = n.Detach(ctx, st.ID)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("detach %s from network: %w", st.Name, err))
+		}
+	}
+	if cgErr == nil {
+		if err := cg.Destroy(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", st.Cgroup, err))
+		}
+	}
+	if store, err := cowfs.Open(m.p.root); err != nil {
+		errs = append(errs, fmt.Errorf("open image store: %w", err))
+	} else {
+		for _, g := range st.Generations {
+			if err := store.Release(ctx, g.ImageID, st.ID); err != nil {
+				errs = append(errs, fmt.Errorf("release image %s: %w", g.Image, err))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("remove %s: %w (retry with 'hot rm -f %s')", st.Name, errors.Join(errs...), st.Name)
+	}
+	if err := os.RemoveAll(m.p.runDir(st.ID)); err != nil {
+		return fmt.Errorf("remove %s: %w", m.p.runDir(st.ID), err)
+	}
+	if err := os.RemoveAll(m.p.dir(st.ID)); err != nil {
+		return fmt.Errorf("remove %s: %w", m.p.dir(st.ID), err)
+	}
+	return nil
+}
+
+func waitGone(pid int, start uint64, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for procAlive(pid, start) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
+
+// ExecOptions describe a process to run inside a running container.
+type ExecOptions struct {
+	Args    []string
+	Env     []string // added to the container's environment
+	Workdir string   // default: the container's working directory
+	User    string   // UID[:GID]; default: the container's user
+}
+
+// Exec replaces the calling process with opts.Args running inside the container: it moves the
+// caller into the container's cgroup, then execs nsenter(1), which joins the container's
+// mount, uts, ipc, net and pid namespaces and its root, forks (so the command is in the pid
+// namespace) and execs the command. The command's exit status becomes the caller's.
+//
+// Why nsenter: a Go process is multithreaded from its start, and the kernel refuses
+// setns(CLONE_NEWNS) to multithreaded processes; runc solves this with C code that runs
+// before the Go runtime (cgo), which our static CGO_ENABLED=0 binary does not have. nsenter
+// from util-linux is single-threaded C and does exactly the setns/fork/exec sequence.
+// Exec returns only on failure.
+func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) error {
+	if len(o.Args) == 0 {
+		return fmt.Errorf("exec: give a command to run")
+	}
+	if err := ValidateEnv(o.Env); err != nil {
+		return err
+	}
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		return fmt.Errorf("exec needs nsenter from util-linux: install it (apt-get install util-linux): %w", err)
+	}
+	st, err := m.find(ref)
+	if err != nil {
+		return err
+	}
+	c := m.view(st, false)
+	if c.Status == StatusPaused {
+		return fmt.Errorf("container %s is paused: resume it first with 'hot resume %s'", st.Name, st.Name)
+	}
+	if c.Status != StatusRunning {
+		return notRunning(c)
+	}
+	var spec specs.Spec
+	if err := readJSON(m.p.config(st.ID), &spec); err != nil {
+		return fmt.Errorf("exec in %s: read config: %w", st.Name, err)
+	}
+	uid, gid := spec.Process.User.UID, spec.Process.User.GID
+	if o.User != "" {
+		if uid, gid, err = ParseUser(o.User); err != nil {
+			return err
+		}
+	}
+	cwd := spec.Process.Cwd
+	if o.Workdir != "" {
+		cwd = o.Workdir
+	}
+	cg, err := cgroups.Load(st.Cgroup)
+	if err != nil {
+		return fmt.Errorf("exec in %s: %w", st.Name, err)
+	}
+	if err := cg.AddProc(os.Getpid()); err != nil {
+		return fmt.Errorf("exec in %s: join cgroup: %w", st.Name, err)
+	}
+	argv := []string{"nsenter", "--target", strconv.Itoa(st.Pid), "--mount", "--uts", "--ipc", "--net", "--pid",
+		"--root", "--wdns=" + cwd, "--setuid", strconv.Itoa(int(uid)), "--setgid", strconv.Itoa(int(gid)), "--"}
+	argv = append(argv, o.Args...)
+	env := mergeEnv(spec.Process.Env, o.Env)
+	if err := unix.Exec(nsenter, argv, env); err != nil {
+		return fmt.Errorf("exec nsenter: %w", err)
+	}
+	return nil
+}
+
+// Logs copies the container's output to w; with follow it keeps copying until the container
+// exits or ctx ends.
+func (m *Manager) Logs(ctx context.Context, ref string, w io.Writer, follow bool) error {
+	st, err := m.find(ref)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(m.p.log(st.ID))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && !follow {
+			return nil
+		}
+		return fmt.Errorf("open log of %s: %w", st.Name, err)
+	}
+	defer f.Close()
+	for {
+		if _, err := io.Copy(w, f); err != nil {
+			return fmt.Errorf("read log of %s: %w", st.Name, err)
+		}
+		if !follow {
+			return nil
+		}
+		if c := m.view(st, false); !c.active() && c.Status != StatusCreating {
+			_, err := io.Copy(w, f)
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

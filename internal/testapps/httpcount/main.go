@@ -1,0 +1,90 @@
+// Command httpcount is a tiny static HTTP server used as a container workload by the
+// end-to-end tests: it counts requests in memory and logs each one to stdout. Its
+// subcommands give tests something to run with `hot exec`.
+//
+//	httpcount [serve] [-addr :8080]   serve GET / → "count N\n" (N counts requests)
+//	httpcount get URL                 print the body of URL (exit 1 on error)
+//	httpcount exit CODE               exit with CODE
+//	httpcount env                     print the environment
+//	httpcount hostname                print the host name
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+)
+
+func main() {
+	args := os.Args[1:]
+	if len(args) > 0 && args[0] != "serve" && args[0][0] != '-' {
+		os.Exit(sub(args))
+	}
+	if len(args) > 0 && args[0] == "serve" {
+		args = args[1:]
+	}
+	fs := flag.NewFlagSet("serve", flag.ExitOnError)
+	addr := fs.String("addr", ":8080", "listen address")
+	fs.Parse(args)
+	var n atomic.Int64
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		c := n.Add(1)
+		fmt.Printf("request %d %s %s from %s\n", c, r.Method, r.URL.Path, r.RemoteAddr)
+		fmt.Fprintf(w, "count %d\n", c)
+	})
+	// As PID 1 the kernel delivers no signal we do not handle: handle TERM to stop cleanly.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		s := <-sig
+		fmt.Printf("httpcount: %v, exiting\n", s)
+		os.Exit(0)
+	}()
+	fmt.Printf("httpcount: listening on %s\n", *addr)
+	if err := http.ListenAndServe(*addr, nil); err != nil {
+		fmt.Fprintln(os.Stderr, "httpcount:", err)
+		os.Exit(1)
+	}
+}
+
+func sub(args []string) int {
+	switch args[0] {
+	case "get":
+		if len(args) != 2 {
+			fmt.Fprintln(os.Stderr, "usage: httpcount get URL")
+			return 2
+		}
+		resp, err := http.Get(args[1])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "httpcount:", err)
+			return 1
+		}
+		defer resp.Body.Close()
+		io.Copy(os.Stdout, resp.Body)
+		return 0
+	case "exit":
+		code, _ := strconv.Atoi(args[len(args)-1])
+		return code
+	case "env":
+		for _, e := range os.Environ() {
+			fmt.Println(e)
+		}
+		return 0
+	case "hostname":
+		h, err := os.Hostname()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "httpcount:", err)
+			return 1
+		}
+		fmt.Println(h)
+		return 0
+	}
+	fmt.Fprintf(os.Stderr, "httpcount: unknown subcommand %q\n", args[0])
+	return 2
+}
