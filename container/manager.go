@@ -99,7 +99,7 @@ func (m *Manager) Run(ctx context.Context, o RunOptions) (*Container, error) {
 	}
 	img, err := store.Resolve(ctx, o.Image)
 	if err != nil {
-		return nil, fmt.Errorf("%w (list images with 'hot image ls', add one with 'hot image import')", err)
+		return nil, err
 	}
 	id := newID()
 	name := o.Name
@@ -178,6 +178,7 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 	if err := cowfs.MountOverlay(st.Rootfs, gen.LowerDirs, gen.Upper, gen.Work); err != nil {
 		return fmt.Errorf("mount root file system of %s: %w", id[:12], err)
 	}
+	failpoint("run-after-mount")
 	if st.Network.Mode == "bridge" {
 		n, err := network.New(m.networkConfig(st))
 		if err != nil {
@@ -193,6 +194,7 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 			st.Network.Subnet = att.Prefix.Masked()
 		}
 		setNetnsPath(spec, att.NetnsPath)
+		failpoint("run-after-network")
 	}
 	if err := m.p.saveState(st); err != nil {
 		return err
@@ -200,6 +202,7 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 	if _, err := cgroups.Create(ctx, st.Cgroup, cgroups.Resources{MemoryBytes: st.Resources.MemoryBytes, PidsMax: st.Resources.PidsMax}); err != nil {
 		return fmt.Errorf("create cgroup %s: %w", st.Cgroup, err)
 	}
+	failpoint("run-after-cgroup")
 	if err := writeJSONAtomic(m.p.config(id), spec); err != nil {
 		return err
 	}
@@ -239,6 +242,7 @@ func (m *Manager) startMonitor(ctx context.Context, st *State) error {
 	if err := m.p.saveState(st); err != nil {
 		return err
 	}
+	failpoint("run-after-monitor-start")
 	type readyMsg struct {
 		Pid   int    `json:"pid"`
 		Error string `json:"error"`
@@ -364,7 +368,8 @@ func (m *Manager) Get(ctx context.Context, ref string) (*Container, error) {
 	return m.view(st, false), nil
 }
 
-// List returns all containers (all=true) or those not exited.
+// List returns all containers (all=true) or those not exited (including unknown ones, which
+// may still hold processes and host resources).
 func (m *Manager) List(ctx context.Context, all bool) ([]*Container, error) {
 	sts, err := m.states()
 	if err != nil {
@@ -373,7 +378,7 @@ func (m *Manager) List(ctx context.Context, all bool) ([]*Container, error) {
 	out := []*Container{}
 	for _, st := range sts {
 		c := m.view(st, false)
-		if all || c.Status == StatusRunning || c.Status == StatusPaused || c.Status == StatusCreating {
+		if all || c.Status != StatusExited {
 			out = append(out, c)
 		}
 	}
@@ -469,4 +474,12 @@ func unmountAll(path string) error {
 		}
 	}
 	return fmt.Errorf("unmount %s: still mounted after 16 unmounts", path)
+}
+
+// failpoint kills the calling process with SIGKILL when $HOT_FAILPOINT names this point. Tests
+// use it to interrupt `hot run` at awkward moments and check that `hot ps` and `hot rm -f` cope.
+func failpoint(name string) {
+	if os.Getenv("HOT_FAILPOINT") == name {
+		unix.Kill(os.Getpid(), unix.SIGKILL)
+	}
 }

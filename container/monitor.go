@@ -232,6 +232,7 @@ func (m *Monitor) startInit() (int, error) {
 		killPid(pid, unix.SIGKILL)
 		return 0, fmt.Errorf("monitor: place init %d in cgroup %s: %w", pid, st.Cgroup, err)
 	}
+	failpoint("monitor-before-release")
 	if _, err := syncW.Write([]byte{1}); err != nil {
 		killPid(pid, unix.SIGKILL)
 		return 0, fmt.Errorf("monitor: release container init: %w", err)

@@ -16,13 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Defaults of the container network; per-invocation flags and $HOT_BRIDGE / $HOT_SUBNET
-// override them (tests use their own bridge and subnet).
-const (
-	defaultBridge = "hot0"
-	defaultSubnet = "10.89.0.0/24"
-)
-
 func (o *globalOptions) manager() (*container.Manager, error) {
 	return container.NewManager(o.root, o.runRoot, o.logger)
 }
@@ -76,13 +69,13 @@ Without -d, hot run prints the container's output until it exits and exits with 
 			if ip != "" {
 				a, err := netip.ParseAddr(ip)
 				if err != nil || !a.Is4() {
-					return usageError{fmt.Errorf("--ip %q: want an IPv4 address inside the subnet, such as 10.89.0.20", ip)}
+					return usageError{fmt.Errorf("--ip %q: want an IPv4 address inside the subnet, such as 10.199.0.20", ip)}
 				}
 				ro.IP = a
 			}
 			p, err := netip.ParsePrefix(subnet)
 			if err != nil {
-				return usageError{fmt.Errorf("--subnet %q: want a CIDR such as %s", subnet, defaultSubnet)}
+				return usageError{fmt.Errorf("--subnet %q: want a CIDR such as %s", subnet, network.DefaultSubnet)}
 			}
 			ro.Subnet = p.Masked()
 			for _, s := range ports {
@@ -131,8 +124,8 @@ Without -d, hot run prints the container's output until it exits and exits with 
 	f.StringVarP(&user, "user", "u", "", "run as UID[:GID] (default: the image's user)")
 	f.StringVar(&entrypoint, "entrypoint", "", "replace the image's entrypoint (space-separated words; \"\" clears it)")
 	f.StringVar(&ro.NetworkMode, "network", "bridge", "bridge: attach to the host bridge; none: loopback only")
-	f.StringVar(&ro.Bridge, "bridge", envOr("HOT_BRIDGE", defaultBridge), "host bridge to attach to ($HOT_BRIDGE)")
-	f.StringVar(&subnet, "subnet", envOr("HOT_SUBNET", defaultSubnet), "subnet of the bridge ($HOT_SUBNET)")
+	f.StringVar(&ro.Bridge, "bridge", envOr("HOT_BRIDGE", network.DefaultBridge), "host bridge to attach to ($HOT_BRIDGE)")
+	f.StringVar(&subnet, "subnet", envOr("HOT_SUBNET", network.DefaultSubnet), "subnet of the bridge ($HOT_SUBNET)")
 	return cmd
 }
 
