@@ -391,34 +391,53 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-// hostSnapshot counts what containers create on the host.
+// hostSnapshot counts what this test's containers create on the host. It only looks at
+// objects that belong to this test (its root and run root, its bridge and nftables table, its
+// hot processes), because other work may share the machine.
 func hostSnapshot(t *testing.T, e *env) map[string]int {
 	t.Helper()
 	snap := map[string]int{}
 	mi, _ := os.ReadFile("/proc/self/mountinfo")
-	snap["mounts"] = strings.Count(string(mi), "\n")
-	links, _ := exec.Command("ip", "-o", "link").Output()
-	snap["links"] = strings.Count(string(links), "\n")
-	rules, _ := exec.Command("nft", "list", "ruleset").Output()
-	snap["nft lines"] = strings.Count(string(rules), "\n")
-	for _, ctrl := range []string{"memory", "pids", "freezer", "unified"} {
-		ents, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", ctrl, "hot"))
-		snap["cgroups "+ctrl] = len(ents)
+	for _, line := range strings.Split(string(mi), "\n") {
+		if strings.Contains(line, e.root) || strings.Contains(line, e.runRoot) {
+			snap["mounts"]++
+		}
 	}
+	links, _ := exec.Command("ip", "-o", "link", "show", "master", e.bridge).Output()
+	snap["links on the bridge"] = strings.Count(string(links), "\n")
+	rules, _ := exec.Command("nft", "list", "table", "ip", "hot-"+e.bridge).Output()
+	snap["nft lines"] = strings.Count(string(rules), "\n")
 	ents, _ := os.ReadDir(filepath.Join(e.root, "containers"))
 	snap["container dirs"] = len(ents)
 	ents, _ = os.ReadDir(e.runRoot)
 	snap["run dirs"] = len(ents)
+	ents, _ = os.ReadDir(filepath.Join(e.runRoot, "netns"))
+	snap["netns files"] = len(ents)
 	fds, _ := os.ReadDir("/proc/self/fd")
 	snap["test fds"] = len(fds)
-	out, _ := exec.Command("ps", "-e", "-o", "stat=,comm=").Output()
-	for _, line := range strings.Split(string(out), "\n") {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), e.root) {
+			continue
+		}
+		st, err := os.ReadFile(strings.TrimSuffix(p, "cmdline") + "stat")
 		// Zombies are not counted: a host init that does not reap orphans keeps them.
-		if f := strings.Fields(line); len(f) == 2 && !strings.HasPrefix(f[0], "Z") && strings.HasPrefix(f[1], "hot") {
+		if err == nil && !strings.Contains(string(st), ") Z ") {
 			snap["live hot processes"]++
 		}
 	}
 	return snap
+}
+
+// noTraces checks that none of the containers in ids left anything on the host.
+func noTraces(t *testing.T, cs []container.Container) {
+	t.Helper()
+	for _, c := range cs {
+		if tr := traces(t, c); len(tr) > 0 {
+			t.Errorf("container %s left:\n%s", c.Name, strings.Join(tr, "\n"))
+		}
+	}
 }
 
 func TestRunRmCyclesLeakNothing(t *testing.T) {
@@ -428,12 +447,14 @@ func TestRunRmCyclesLeakNothing(t *testing.T) {
 	e.run("--name", "warm", appImage)
 	e.mustHot("rm", "-f", "warm")
 	before := hostSnapshot(t, e)
+	var seen []container.Container
 	start := time.Now()
 	for i := 0; i < 20; i++ {
 		name := fmt.Sprintf("cycle%d", i)
 		e.run("--name", name, "-p", fmt.Sprintf("%d:8080", port), appImage)
+		c := e.inspect(name)
+		seen = append(seen, c)
 		if i%5 == 0 {
-			c := e.inspect(name)
 			waitHTTP(t, fmt.Sprintf("http://%s:8080/", c.Network.IP))
 		}
 		if i%2 == 0 {
@@ -450,6 +471,7 @@ func TestRunRmCyclesLeakNothing(t *testing.T) {
 			t.Errorf("%s: %d before the cycles, %d after", k, v, after[k])
 		}
 	}
+	noTraces(t, seen)
 }
 
 // TestCrashesAreReportedAndCleaned interrupts hot run at each failpoint, and kills a running

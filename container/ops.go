@@ -104,10 +104,12 @@ func (m *Manager) Wait(ctx context.Context, ref string) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	if c := m.view(st, false); !c.active() {
+	if c := m.view(st, false); c.Status == StatusExited {
 		return c, nil
 	}
-	if _, err := callMonitor(ctx, m.p.socket(st.ID), Request{Op: OpWait}); err != nil {
+	// Also when the view says unknown: the init may have just ended with the monitor about
+	// to record it. A monitor that is gone refuses the connection.
+	if _, err := callMonitor(ctx, m.p.socket(st.ID), Request{Op: OpWait}); err != nil && ctx.Err() != nil {
 		return nil, fmt.Errorf("wait for %s: %w", st.Name, err)
 	}
 	return m.view(st, false), nil

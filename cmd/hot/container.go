@@ -438,7 +438,8 @@ func newResumeCmd(opts *globalOptions) *cobra.Command {
 
 // newMonitorCmd is the per-container monitor that `hot run` starts (see container.RunMonitor).
 func newMonitorCmd(opts *globalOptions) *cobra.Command {
-	return &cobra.Command{
+	var noStart bool
+	cmd := &cobra.Command{
 		Use:    "__monitor ID",
 		Short:  "Per-container monitor process (started by hot run)",
 		Hidden: true,
@@ -447,9 +448,12 @@ func newMonitorCmd(opts *globalOptions) *cobra.Command {
 			ready := os.NewFile(3, "ready")
 			return container.RunMonitor(context.Background(), container.MonitorOptions{
 				Root: opts.root, RunRoot: opts.runRoot, ID: args[0], Logger: opts.logger, Ready: ready,
+				NoStart: noStart,
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&noStart, "no-start", false, "start no init: wait for an op (e.g. a restore) to adopt one")
+	return cmd
 }
 
 // newInitCmd is the container's init before it execs the entrypoint (see container.InitMain).
