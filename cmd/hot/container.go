@@ -45,7 +45,7 @@ func newRunCmd(opts *globalOptions) *cobra.Command {
 mount, pid, uts, ipc and network namespaces, a cgroup with the given limits, and a monitor
 process that keeps it running after this command exits. CMD replaces the image's Cmd.
 Without -d, hot run prints the container's output until it exits and exits with its code.`,
-		Args: cobra.MinimumNArgs(1),
+		Args: minArgs(1, "an IMAGE, optionally followed by a command"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ro.Image, ro.Command = args[0], args[1:]
 			entrypointSet = cmd.Flags().Changed("entrypoint")
@@ -153,7 +153,7 @@ func newPsCmd(opts *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "ps",
 		Short: "List containers",
-		Args:  cobra.NoArgs,
+		Args:  exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -216,7 +216,7 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "inspect NAME",
 		Short: "Show a container's details",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -265,7 +265,7 @@ func newLogsCmd(opts *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "logs [-f] NAME",
 		Short: "Print a container's output (stdout and stderr)",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -286,7 +286,7 @@ func newExecCmd(opts *globalOptions) *cobra.Command {
 		Long: `Run CMD in the container's namespaces (mount, pid, uts, ipc, net), root and cgroup, with its
 environment. hot exec becomes the command (through nsenter from util-linux): stdin, stdout,
 stderr and the exit status are the command's.`,
-		Args: cobra.MinimumNArgs(2),
+		Args: minArgs(2, "NAME and a command"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if eo.User != "" {
 				if _, _, err := container.ParseUser(eo.User); err != nil {
@@ -314,7 +314,7 @@ func newStopCmd(opts *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "stop [-t SECS] NAME...",
 		Short: "Stop containers: SIGTERM, then SIGKILL after a timeout",
-		Args:  cobra.MinimumNArgs(1),
+		Args:  minArgs(1, "one or more container NAMEs"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if secs < 0 {
 				return usageError{fmt.Errorf("-t %d: want seconds >= 0", secs)}
@@ -340,7 +340,7 @@ func newKillCmd(opts *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "kill [-s SIGNAL] NAME...",
 		Short: "Send a signal to a container's init process",
-		Args:  cobra.MinimumNArgs(1),
+		Args:  minArgs(1, "one or more container NAMEs"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			s, err := parseSignal(sig)
 			if err != nil {
@@ -388,7 +388,7 @@ func newRmCmd(opts *globalOptions) *cobra.Command {
 		Long: `Remove stopped containers: root file system mount, network namespace, veth, nftables rules,
 address lease, cgroup and directories. With -f, running containers are killed first, and the
 leftovers of crashed or interrupted commands are cleaned as well.`,
-		Args: cobra.MinimumNArgs(1),
+		Args: minArgs(1, "one or more container NAMEs"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -410,7 +410,7 @@ func newPauseCmd(opts *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "pause NAME",
 		Short: "Freeze every process of a container (cgroup freezer)",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -425,7 +425,7 @@ func newResumeCmd(opts *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "resume NAME",
 		Short: "Thaw a paused container",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := opts.manager()
 			if err != nil {
@@ -466,5 +466,15 @@ func newInitCmd(_ *globalOptions) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return container.InitMain(args[0])
 		},
+	}
+}
+
+// minArgs is cobra.MinimumNArgs with a usage error (exit 2) that says what is wanted.
+func minArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < n {
+			return usageError{fmt.Errorf("%s: want %s (see '%s --help')", cmd.CommandPath(), what, cmd.CommandPath())}
+		}
+		return nil
 	}
 }
