@@ -17,6 +17,8 @@
 //     so it also cleans a crash that happened between recording the lease and finishing. It is
 //     idempotent. The bridge and the table stay; Teardown removes them when no lease is left.
 //   - Attach and Detach of one bridge serialise on a flock, across hot processes.
+//   - The first Attach on a bridge with no container rebuilds the bridge address and the table
+//     from the configuration (subnet changes, tables edited by hand or made by an older hot).
 //
 // Libraries: links, addresses and routes go through github.com/vishvananda/netlink (the netlink
 // library of the CNI plugins, moby, runc and cilium), which can

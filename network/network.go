@@ -163,7 +163,7 @@ func (n *Network) Attach(ctx context.Context, id string, req AttachRequest) (*At
 	if err := n.save(st); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", id, err)
 	}
-	if err := n.setUp(ctx, id, l); err != nil {
+	if err := n.setUp(ctx, id, l, len(st.Leases) == 1); err != nil {
 		if uerr := n.detachLocked(context.WithoutCancel(ctx), id); uerr != nil {
 			err = fmt.Errorf("%w; undo also failed: %v", err, uerr)
 		}
@@ -217,13 +217,14 @@ func probePort(p PortMapping) error {
 	return fmt.Errorf("check host port %d/%s: %w", p.HostPort, p.Proto, err)
 }
 
-// setUp makes the host objects of a recorded lease.
-func (n *Network) setUp(ctx context.Context, id string, l *lease) error {
-	br, err := n.ensureBridge()
+// setUp makes the host objects of a recorded lease. first: no other container is on the
+// bridge, so its address and the table may be rebuilt from the configuration.
+func (n *Network) setUp(ctx context.Context, id string, l *lease, first bool) error {
+	br, err := n.ensureBridge(first)
 	if err != nil {
 		return err
 	}
-	if err := ensureTable(ctx, n.cfg.Bridge, n.cfg.Subnet); err != nil {
+	if err := ensureTable(ctx, n.cfg.Bridge, n.cfg.Subnet, first); err != nil {
 		return err
 	}
 	if err := createNetns(l.Netns); err != nil {
@@ -294,7 +295,7 @@ func configureInside(nsh netns.NsHandle, ip netip.Addr, subnet netip.Prefix, gw 
 
 // ensureBridge returns the bridge, creating it with the gateway address when missing. A new
 // bridge's subnet must not overlap a route the host already has, and the host must forward.
-func (n *Network) ensureBridge() (netlink.Link, error) {
+func (n *Network) ensureBridge(first bool) (netlink.Link, error) {
 	name := n.cfg.Bridge
 	gwNet := &net.IPNet{IP: gateway(n.cfg.Subnet).AsSlice(), Mask: net.CIDRMask(n.cfg.Subnet.Bits(), 32)}
 	link, err := netlink.LinkByName(name)
@@ -302,12 +303,29 @@ func (n *Network) ensureBridge() (netlink.Link, error) {
 		if link.Type() != "bridge" {
 			return nil, fmt.Errorf("interface %s exists and is a %s, not a bridge: choose another bridge name", name, link.Type())
 		}
+		if first {
+			// No container uses the bridge: drop addresses of an earlier subnet.
+			if err := checkOverlap(n.cfg.Subnet, link.Attrs().Index); err != nil {
+				return nil, err
+			}
+			addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+			if err != nil {
+				return nil, fmt.Errorf("list addresses of bridge %s: %w", name, err)
+			}
+			for _, a := range addrs {
+				if a.IPNet.String() != gwNet.String() {
+					if err := netlink.AddrDel(link, &a); err != nil {
+						return nil, fmt.Errorf("remove old address %s from bridge %s: %w", a.IPNet, name, err)
+					}
+				}
+			}
+		}
 	} else {
 		var nf netlink.LinkNotFoundError
 		if !errors.As(err, &nf) {
 			return nil, fmt.Errorf("find bridge %s: %w", name, err)
 		}
-		if err := checkOverlap(n.cfg.Subnet); err != nil {
+		if err := checkOverlap(n.cfg.Subnet, 0); err != nil {
 			return nil, err
 		}
 		if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil && !errors.Is(err, unix.EEXIST) {
@@ -336,14 +354,15 @@ func (n *Network) ensureBridge() (netlink.Link, error) {
 	return link, nil
 }
 
-// checkOverlap refuses a subnet that overlaps a route the host has on another interface.
-func checkOverlap(subnet netip.Prefix) error {
+// checkOverlap refuses a subnet that overlaps a route the host has on an interface other than
+// the one with index skip.
+func checkOverlap(subnet netip.Prefix, skip int) error {
 	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list host routes: %w", err)
 	}
 	for _, r := range routes {
-		if r.Dst == nil {
+		if r.Dst == nil || (skip != 0 && r.LinkIndex == skip) {
 			continue
 		}
 		ones, _ := r.Dst.Mask.Size()

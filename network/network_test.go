@@ -32,7 +32,7 @@ func testNetwork(t *testing.T) *Network {
 	for range 20 {
 		x := rand.IntN(256)
 		subnet := netip.MustParsePrefix(fmt.Sprintf("10.213.%d.0/24", x))
-		if checkOverlap(subnet) != nil {
+		if checkOverlap(subnet, 0) != nil {
 			continue
 		}
 		var err error
@@ -560,4 +560,60 @@ func medianMs(d []time.Duration) float64 {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return float64(s[len(s)/2].Microseconds()) / 1e3
+}
+
+// TestSubnetChangeAndRepair: with no container attached, a new subnet for an existing bridge
+// replaces the bridge's address and the table's rules, and a table damaged by hand is rebuilt
+// by the next first Attach. With a container attached, changing the subnet is refused.
+func TestSubnetChangeAndRepair(t *testing.T) {
+	n := testNetwork(t)
+	ctx := context.Background()
+	if _, err := n.Attach(ctx, "a", AttachRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	var other netip.Prefix
+	for range 20 {
+		p := netip.MustParsePrefix(fmt.Sprintf("10.213.%d.0/24", rand.IntN(256)))
+		if p != n.cfg.Subnet && checkOverlap(p, 0) == nil {
+			other = p
+			break
+		}
+	}
+	if !other.IsValid() {
+		t.Skip("no second free 10.213.X.0/24 subnet")
+	}
+	cfg2 := n.cfg
+	cfg2.Subnet = other
+	n2, err := New(cfg2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n2.Attach(ctx, "b", AttachRequest{}); err == nil || !strings.Contains(err.Error(), "remove them before changing the subnet") {
+		t.Errorf("subnet change with a container attached: %v", err)
+	}
+	if err := n.Detach(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("nft", "delete", "chain", "ip", tableName(n.cfg.Bridge), "input").CombinedOutput(); err != nil {
+		t.Fatalf("damage the table: %v: %s", err, out)
+	}
+	b, err := n2.Attach(ctx, "b", AttachRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !other.Contains(b.IP) {
+		t.Errorf("b got %s, not in the new subnet %s", b.IP, other)
+	}
+	br, _ := netlink.LinkByName(n.cfg.Bridge)
+	addrs, _ := netlink.AddrList(br, netlink.FAMILY_V4)
+	if len(addrs) != 1 || addrs[0].IP.String() != gateway(other).String() {
+		t.Errorf("bridge addresses %v, want only %s", addrs, gateway(other))
+	}
+	out, _ := exec.Command("nft", "list", "table", "ip", tableName(n.cfg.Bridge)).CombinedOutput()
+	if !strings.Contains(string(out), "chain input") || !strings.Contains(string(out), other.String()) || strings.Contains(string(out), n.cfg.Subnet.String()) {
+		t.Errorf("table not rebuilt for %s:\n%s", other, out)
+	}
+	if err := n2.Detach(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
 }

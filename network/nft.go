@@ -87,8 +87,17 @@ func isNftNotFound(err error) bool {
 	return errors.As(err, &ne) && strings.Contains(ne.msg, "No such file or directory")
 }
 
-// ensureTable creates the bridge's table unless it exists.
-func ensureTable(ctx context.Context, bridge string, subnet netip.Prefix) error {
+// ensureTable creates the bridge's table unless it exists. With rebuild (no container is on
+// the bridge, so no published port can be lost) it replaces an existing table in the same
+// transaction, which repairs a table edited by hand or made by an older hot.
+func ensureTable(ctx context.Context, bridge string, subnet netip.Prefix, rebuild bool) error {
+	if rebuild {
+		script := fmt.Sprintf("add table ip %[1]s\ndelete table ip %[1]s\n", tableName(bridge)) + tableScript(bridge, subnet)
+		if err := nft(ctx, script, "-f", "-"); err != nil {
+			return fmt.Errorf("create nftables table %s: %w", tableName(bridge), err)
+		}
+		return nil
+	}
 	err := nft(ctx, "", "list", "table", "ip", tableName(bridge))
 	if err == nil {
 		return nil
