@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
@@ -55,9 +56,9 @@ func decompress(r io.Reader) (io.ReadCloser, error) {
 type extractor struct {
 	dir      string
 	rootFd   int
-	lowers   []int    // fds of lower layer dirs, bottom first
-	lowerDir []string // their paths, for messages
+	lower    *lowerStack
 	dirTimes []dirTime
+	implicit map[string]bool // directories created only because an entry below them needed them
 }
 
 type dirTime struct {
@@ -76,60 +77,62 @@ func (e *ExtractError) Error() string {
 }
 
 // extractLayer unpacks the (possibly compressed) layer tar r into dir and returns the digest
-// of the uncompressed tar (its diffID). lowers are the unpacked directories of the layers below,
-// bottom first: an entry written through a symlink they hold is refused.
-func extractLayer(ctx context.Context, r io.Reader, dir string, lowers []string) (digest.Digest, error) {
+// of the uncompressed tar (its diffID) and the directories it created implicitly (for
+// checkLowerSymlinks when the layer is reused in another image). lowers are the unpacked
+// directories of the layers below, bottom first: an entry written through a symlink they hold
+// is refused.
+func extractLayer(ctx context.Context, r io.Reader, dir string, lowers []string) (digest.Digest, []string, error) {
 	zr, err := decompress(r)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	defer zr.Close()
 	dgst := digest.SHA256.Digester()
 	tee := io.TeeReader(zr, dgst.Hash())
 
-	x := &extractor{dir: dir}
+	x := &extractor{dir: dir, implicit: map[string]bool{}}
 	if x.rootFd, err = unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
-		return "", fmt.Errorf("open layer dir %s: %w", dir, err)
+		return "", nil, fmt.Errorf("open layer dir %s: %w", dir, err)
 	}
 	defer unix.Close(x.rootFd)
-	for _, l := range lowers {
-		fd, err := unix.Open(l, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return "", fmt.Errorf("open lower layer dir %s: %w", l, err)
-		}
-		defer unix.Close(fd)
-		x.lowers = append(x.lowers, fd)
-		x.lowerDir = append(x.lowerDir, l)
+	if x.lower, err = openLowerStack(lowers); err != nil {
+		return "", nil, err
 	}
+	defer x.lower.Close()
 
 	tr := tar.NewReader(tee)
 	for n := 0; ; n++ {
 		if n%256 == 0 && ctx.Err() != nil {
-			return "", ctx.Err()
+			return "", nil, ctx.Err()
 		}
 		hdr, err := tr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			return "", fmt.Errorf("read tar: %w", err)
+			return "", nil, fmt.Errorf("read tar: %w", err)
 		}
 		if err := x.entry(hdr, tr); err != nil {
-			return "", err
+			return "", nil, err
 		}
 	}
 	// The tar's end-of-archive blocks and any padding belong to the diffID too.
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return "", fmt.Errorf("read tar: %w", err)
+		return "", nil, fmt.Errorf("read tar: %w", err)
 	}
 	for i := len(x.dirTimes) - 1; i >= 0; i-- {
 		dt := x.dirTimes[i]
 		err := unix.UtimesNanoAt(x.rootFd, dt.rel, dt.ts[:], unix.AT_SYMLINK_NOFOLLOW)
 		if err != nil && !errors.Is(err, unix.ENOENT) {
-			return "", fmt.Errorf("set times of %s: %w", dt.rel, err)
+			return "", nil, fmt.Errorf("set times of %s: %w", dt.rel, err)
 		}
 	}
-	return dgst.Digest(), nil
+	implicit := make([]string, 0, len(x.implicit))
+	for d := range x.implicit {
+		implicit = append(implicit, d)
+	}
+	sort.Strings(implicit) // parents before children
+	return dgst.Digest(), implicit, nil
 }
 
 // cleanEntryName checks a tar name and returns it relative to the layer root ("." for the root).
@@ -205,6 +208,7 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		if err := unix.Mkdirat(pfd, base, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("layer entry %q: mkdir: %w", hdr.Name, err)
 		}
+		delete(x.implicit, rel) // the layer does mean this directory
 	case tar.TypeReg, tar.TypeRegA:
 		fd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 		if err != nil {
@@ -372,14 +376,15 @@ func (x *extractor) openDir(entry, rel string) (int, error) {
 		next := path.Join(done, c)
 		fd, err := resolveBeneath(cur, c, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 		if errors.Is(err, unix.ENOENT) {
-			if j := x.lowerSymlink(next); j >= 0 {
+			if err := x.lower.refuseSymlink(entry, next); err != nil {
 				x.closeDir(cur)
-				return -1, &ExtractError{entry, fmt.Sprintf("%q is a symlink in lower layer %d (diffID sha256:%s); writing through a symlink is refused", next, j+1, strings.TrimPrefix(filepath.Base(x.lowerDir[j]), "layer-"))}
+				return -1, err
 			}
 			if err := unix.Mkdirat(cur, c, 0o755); err != nil {
 				x.closeDir(cur)
 				return -1, fmt.Errorf("layer entry %q: mkdir %s: %w", entry, next, err)
 			}
+			x.implicit[next] = true
 			fd, err = resolveBeneath(cur, c, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 		}
 		x.closeDir(cur)
@@ -401,12 +406,69 @@ func (x *extractor) openDir(entry, rel string) (int, error) {
 	return cur, nil
 }
 
-// lowerSymlink reports which lower layer (index, bottom = 0) shows rel as a symlink in the
+// lowerStack is the unpacked layers below the one being extracted, bottom first.
+type lowerStack struct {
+	fds  []int
+	dirs []string
+}
+
+func openLowerStack(dirs []string) (*lowerStack, error) {
+	ls := &lowerStack{}
+	for _, d := range dirs {
+		fd, err := unix.Open(d, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ls.Close()
+			return nil, fmt.Errorf("open lower layer dir %s: %w", d, err)
+		}
+		ls.fds = append(ls.fds, fd)
+		ls.dirs = append(ls.dirs, d)
+	}
+	return ls, nil
+}
+
+func (ls *lowerStack) Close() {
+	for _, fd := range ls.fds {
+		unix.Close(fd)
+	}
+}
+
+// refuseSymlink returns an ExtractError when the union of the lower layers shows rel as a
+// symlink, so that creating directory rel in an upper layer would write "through" it.
+func (ls *lowerStack) refuseSymlink(entry, rel string) error {
+	j := ls.symlinkAt(rel)
+	if j < 0 {
+		return nil
+	}
+	diffID := strings.TrimPrefix(filepath.Base(ls.dirs[j]), "layer-")
+	return &ExtractError{entry, fmt.Sprintf("%q is a symlink in lower layer %d (diffID sha256:%s); writing through a symlink is refused", rel, j+1, diffID)}
+}
+
+// checkLowerSymlinks re-checks a layer that is already unpacked (another image brought it)
+// against this image's lower layers: none of the directories it created implicitly may be a
+// symlink below it.
+func checkLowerSymlinks(implicit, lowers []string) error {
+	if len(implicit) == 0 || len(lowers) == 0 {
+		return nil
+	}
+	ls, err := openLowerStack(lowers)
+	if err != nil {
+		return err
+	}
+	defer ls.Close()
+	for _, rel := range implicit {
+		if err := ls.refuseSymlink(rel+"/", rel); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// symlinkAt reports which lower layer (index, bottom = 0) shows rel as a symlink in the
 // union of the lower layers, or -1. It walks the lower layers top-down as overlayfs does:
 // a whiteout or an opaque ancestor directory ends the search.
-func (x *extractor) lowerSymlink(rel string) int {
-	for j := len(x.lowers) - 1; j >= 0; j-- {
-		fd, err := resolveBeneath(x.lowers[j], rel, unix.O_PATH|unix.O_NOFOLLOW)
+func (ls *lowerStack) symlinkAt(rel string) int {
+	for j := len(ls.fds) - 1; j >= 0; j-- {
+		fd, err := resolveBeneath(ls.fds[j], rel, unix.O_PATH|unix.O_NOFOLLOW)
 		if err == nil {
 			var st unix.Stat_t
 			serr := unix.Fstat(fd, &st)
@@ -422,7 +484,7 @@ func (x *extractor) lowerSymlink(rel string) int {
 		if !errors.Is(err, unix.ENOENT) {
 			return -1 // an ancestor is not a directory here: rel is not visible below
 		}
-		if x.opaqueAncestor(j, rel) {
+		if ls.opaqueAncestor(j, rel) {
 			return -1
 		}
 	}
@@ -430,9 +492,9 @@ func (x *extractor) lowerSymlink(rel string) int {
 }
 
 // opaqueAncestor reports whether an ancestor of rel in lower layer j is an opaque directory.
-func (x *extractor) opaqueAncestor(j int, rel string) bool {
+func (ls *lowerStack) opaqueAncestor(j int, rel string) bool {
 	for d := path.Dir(rel); d != "."; d = path.Dir(d) {
-		fd, err := resolveBeneath(x.lowers[j], d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+		fd, err := resolveBeneath(ls.fds[j], d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 		if err != nil {
 			continue
 		}

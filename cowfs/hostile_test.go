@@ -274,3 +274,35 @@ func TestRemoveAndExport(t *testing.T) {
 		t.Errorf("removed image still resolves: %v", err)
 	}
 }
+
+// A layer unpacked for one image is re-checked when another image reuses it on a different
+// lower stack: there it would write through a lower symlink.
+func TestReusedLayerRecheckedOnNewLowers(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := context.Background()
+	work := t.TempDir()
+	outside := filepath.Join(work, "outside")
+	must(t, os.Mkdir(outside, 0o755))
+	must(t, os.WriteFile(filepath.Join(outside, "target"), []byte("precious"), 0o644))
+	upper := layerTar(t, file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"))
+	good, bad := filepath.Join(work, "good"), filepath.Join(work, "bad")
+	writeOCILayout(t, good, testLayout{layers: [][]byte{layerTar(t, dir("etc/")), upper}})
+	writeOCILayout(t, bad, testLayout{layers: [][]byte{layerTar(t, symlink("etc", outside)), upper}})
+	s, err := Open(filepath.Join(work, "store"))
+	must(t, err)
+	_, err = s.Import(ctx, good, ImportOptions{Tag: "good:1"})
+	must(t, err)
+	before, _ := os.ReadDir(s.blobDir())
+	_, err = s.Import(ctx, bad, ImportOptions{Tag: "bad:1"})
+	if err == nil || !strings.Contains(err.Error(), `"etc" is a symlink in lower layer 1`) || !strings.Contains(err.Error(), "already unpacked") {
+		t.Fatalf("reused layer over a lower symlink: %v", err)
+	}
+	after, _ := os.ReadDir(s.blobDir())
+	if len(after) != len(before) {
+		t.Errorf("refused import added blobs: %d → %d", len(before), len(after))
+	}
+	if _, err := s.Resolve(ctx, "good:1"); err != nil {
+		t.Errorf("good image broken: %v", err)
+	}
+	assertUntouched(t, outside)
+}

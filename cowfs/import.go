@@ -30,6 +30,7 @@ type staging struct {
 	dir       string
 	blobs     map[digest.Digest]string // digest → staged file ("" when the store already has it)
 	layers    map[digest.Digest]string // diffID → staged dir ("" when the store already has it)
+	implicit  map[digest.Digest][]string
 	images    []stagedImage
 	unlockGC  func()
 	newLayers int
@@ -55,7 +56,7 @@ func (s *Store) newStaging(ctx context.Context) (*staging, error) {
 		unlock()
 		return nil, fmt.Errorf("create import staging dir: %w", err)
 	}
-	return &staging{s: s, dir: dir, blobs: map[digest.Digest]string{}, layers: map[digest.Digest]string{}, unlockGC: unlock}, nil
+	return &staging{s: s, dir: dir, blobs: map[digest.Digest]string{}, layers: map[digest.Digest]string{}, implicit: map[digest.Digest][]string{}, unlockGC: unlock}, nil
 }
 
 func (st *staging) cleanup() {
@@ -163,15 +164,32 @@ func (st *staging) layerDir(diffID digest.Digest) string {
 }
 
 // unpack makes sure the layer with diffID is unpacked, extracting the staged blob when the
-// store does not have it yet. lowers are the directories of the layers below it.
+// store does not have it yet. lowers are the directories of the layers below it; a layer that
+// is already unpacked is re-checked against them (see checkLowerSymlinks).
 func (st *staging) unpack(ctx context.Context, blob, diffID digest.Digest, lowers []string) error {
-	if _, ok := st.layers[diffID]; ok {
-		return nil
+	if _, ok := st.layers[diffID]; !ok {
+		if _, err := os.Stat(st.s.LayerDir(diffID)); err == nil {
+			implicit, err := st.s.readLayerMeta(diffID)
+			if err != nil {
+				return err
+			}
+			st.layers[diffID], st.implicit[diffID] = "", implicit
+		} else if err := st.extract(ctx, blob, diffID, lowers); err != nil {
+			return err
+		}
 	}
-	if _, err := os.Stat(st.s.LayerDir(diffID)); err == nil {
-		st.layers[diffID] = ""
-		return nil
+	if err := checkLowerSymlinks(st.implicit[diffID], lowers); err != nil {
+		return fmt.Errorf("layer %s (already unpacked) on this image's lower layers: %w", diffID, err)
 	}
+	return nil
+}
+
+// layerMeta is what the store remembers about an unpacked layer.
+type layerMeta struct {
+	ImplicitDirs []string `json:"implicitDirs,omitempty"`
+}
+
+func (st *staging) extract(ctx context.Context, blob, diffID digest.Digest, lowers []string) error {
 	dir := filepath.Join(st.dir, "layer-"+diffID.Encoded())
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return fmt.Errorf("unpack layer %s: %w", diffID, err)
@@ -181,14 +199,21 @@ func (st *staging) unpack(ctx context.Context, blob, diffID digest.Digest, lower
 		return fmt.Errorf("unpack layer %s: %w", blob, err)
 	}
 	defer f.Close()
-	got, err := extractLayer(ctx, f, dir, lowers)
+	got, implicit, err := extractLayer(ctx, f, dir, lowers)
 	if err != nil {
 		return fmt.Errorf("unpack layer blob %s: %w", blob, err)
 	}
 	if got != diffID {
 		return &BlobError{blob, "layer", fmt.Sprintf("uncompressed content hashes to %s, but the image config says diffID %s", got, diffID)}
 	}
-	st.layers[diffID] = dir
+	data, err := json.Marshal(layerMeta{ImplicitDirs: implicit})
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(dir+".json", data, 0o600); err != nil {
+		return fmt.Errorf("unpack layer %s: %w", diffID, err)
+	}
+	st.layers[diffID], st.implicit[diffID] = dir, implicit
 	st.newLayers++
 	return nil
 }
@@ -254,6 +279,10 @@ func (st *staging) commit(ctx context.Context) ([]Imported, error) {
 			final := st.s.LayerDir(d)
 			if _, err := os.Stat(final); err == nil {
 				continue
+			}
+			// Metadata first: a layer dir without it would skip the lower-symlink re-check.
+			if err := os.Rename(p+".json", st.s.layerMetaPath(d)); err != nil {
+				return fmt.Errorf("store layer %s: %w", d, err)
 			}
 			if err := os.Rename(p, final); err != nil {
 				return fmt.Errorf("store layer %s: %w", d, err)

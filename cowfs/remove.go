@@ -85,6 +85,7 @@ func (s *Store) Remove(ctx context.Context, ref string) (*Removed, error) {
 func (s *Store) collect(ix *index, out *Removed) error {
 	keepBlobs := map[string]bool{}
 	keepLayers := map[string]bool{}
+	keepMeta := map[string]bool{}
 	for md := range ix.Images {
 		keepBlobs[md.Encoded()] = true
 		var m ocispec.Manifest
@@ -101,6 +102,7 @@ func (s *Store) collect(ix *index, out *Removed) error {
 		}
 		for _, d := range cfg.RootFS.DiffIDs {
 			keepLayers[d.Encoded()] = true
+			keepMeta[d.Encoded()+".json"] = true
 		}
 	}
 	var err error
@@ -108,6 +110,9 @@ func (s *Store) collect(ix *index, out *Removed) error {
 		return err
 	}
 	if out.Layers, err = sweep(s.layersDir(), keepLayers); err != nil {
+		return err
+	}
+	if _, err = sweep(s.layerMetaDir(), keepMeta); err != nil {
 		return err
 	}
 	stale, _ := os.ReadDir(s.tmpDir())

@@ -78,7 +78,7 @@ func Open(root string) (*Store, error) {
 		return nil, fmt.Errorf("open image store %s: %w", root, err)
 	}
 	s := &Store{root: abs}
-	for _, d := range []string{s.blobDir(), s.layersDir(), s.tmpDir()} {
+	for _, d := range []string{s.blobDir(), s.layersDir(), s.layerMetaDir(), s.tmpDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("open image store %s: %w", abs, err)
 		}
@@ -92,6 +92,22 @@ func (s *Store) Root() string { return s.root }
 func (s *Store) blobDir() string   { return filepath.Join(s.root, "blobs", "sha256") }
 func (s *Store) layersDir() string { return filepath.Join(s.root, "layers") }
 func (s *Store) tmpDir() string    { return filepath.Join(s.root, "tmp") }
+func (s *Store) layerMetaDir() string {
+	return filepath.Join(s.root, "layermeta")
+}
+
+func (s *Store) layerMetaPath(diffID digest.Digest) string {
+	return filepath.Join(s.layerMetaDir(), diffID.Encoded()+".json")
+}
+
+// readLayerMeta returns the implicitly created directories recorded for an unpacked layer.
+func (s *Store) readLayerMeta(diffID digest.Digest) ([]string, error) {
+	var m layerMeta
+	if err := readJSONFile(s.layerMetaPath(diffID), &m); err != nil {
+		return nil, fmt.Errorf("layer %s: metadata: %w (remove the images using it and re-import)", diffID, err)
+	}
+	return m.ImplicitDirs, nil
+}
 func (s *Store) indexPath() string { return filepath.Join(s.root, "images.json") }
 
 // BlobPath is where the blob with digest d lives.
