@@ -4,6 +4,7 @@
 //
 //	blobs/sha256/<hex>   OCI content: manifests, configs, layer tars, as imported
 //	layers/<hex>/        one unpacked, read-only layer per diffID, usable as an overlay lowerdir
+//	layermeta/<hex>.json directories the layer created implicitly (re-checked on reuse)
 //	images.json          name:tag → manifest digest, image records, holders (atomic writes)
 //	images.lock          flock serialising writers of images.json
 //	gc.lock              flock: imports hold it shared, removal holds it exclusive
@@ -18,7 +19,8 @@
 //     layer root: ".." components, absolute names, writing through a symlink planted earlier in
 //     the same layer or in a lower layer of the image, hardlinks to anything outside the layer.
 //     Parent directories are opened with openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), so the
-//     kernel, not string checks alone, guarantees nothing is created outside the layer.
+//     kernel, not string checks alone, guarantees nothing is created outside the layer. A layer
+//     already unpacked for another image is re-checked against the new image's lower layers.
 //   - Owners, modes, xattrs, device nodes, fifos, hardlinks and mtimes are kept. OCI whiteouts
 //     (".wh.NAME", ".wh..wh..opq") become overlayfs whiteouts (char device 0/0) and opaque
 //     directories (trusted.overlay.opaque=y), so an overlay mount of the layer directories shows
