@@ -169,11 +169,12 @@ func (n *Network) Attach(ctx context.Context, id string, req AttachRequest) (*At
 		}
 		return nil, fmt.Errorf("attach %s: %w", id, err)
 	}
-	return n.attachment(id, l), nil
+	return attachment(id, l, st.Subnet), nil
 }
 
-func (n *Network) attachment(id string, l *lease) *Attachment {
-	return &Attachment{ID: id, NetnsPath: l.Netns, IP: l.IP, Prefix: n.cfg.Subnet, Gateway: gateway(n.cfg.Subnet),
+// attachment describes a lease; subnet is the one recorded in the state file.
+func attachment(id string, l *lease, subnet netip.Prefix) *Attachment {
+	return &Attachment{ID: id, NetnsPath: l.Netns, IP: l.IP, Prefix: subnet, Gateway: gateway(subnet),
 		HostVeth: l.HostVeth, Ports: append([]PortMapping(nil), l.Ports...)}
 }
 
@@ -444,7 +445,7 @@ func (n *Network) Lookup(id string) (*Attachment, error) {
 	if !ok {
 		return nil, fmt.Errorf("network %s: container %s is not attached: %w", n.cfg.Bridge, id, fs.ErrNotExist)
 	}
-	return n.attachment(id, l), nil
+	return attachment(id, l, st.Subnet), nil
 }
 
 // List returns all recorded attachments, sorted by id.
@@ -455,7 +456,7 @@ func (n *Network) List() ([]*Attachment, error) {
 	}
 	out := make([]*Attachment, 0, len(st.Leases))
 	for id, l := range st.Leases {
-		out = append(out, n.attachment(id, l))
+		out = append(out, attachment(id, l, st.Subnet))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
