@@ -48,4 +48,6 @@ Exit status: 0 when 'hot update' can work on this host, 1 when a capability it n
 }
 
 // doctorExtraChecks adds the checks that live in feature packages (BPF, livepatch).
-func doctorExtraChecks() []doctor.Checker { return nil }
+func doctorExtraChecks() []doctor.Checker {
+	return []doctor.Checker{livepatchDoctorCheck()}
+}

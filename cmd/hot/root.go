@@ -50,6 +50,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newVersionCmd(opts),
 		newDoctorCmd(opts),
 		newHotfixCmd(opts),
+		newLivepatchCmd(opts),
 		newManCmd(root),
 		newImageCmd(opts),
 	)
