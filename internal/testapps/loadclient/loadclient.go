@@ -1,0 +1,167 @@
+// Package loadclient drives the counter test app from the host: N goroutines, each holding ONE
+// keep-alive TCP connection for its whole life and never reconnecting, send requests back to
+// back. A request that fails is counted and ends that client, so "zero failures and every
+// client still answering" proves that the same connections survived, and the counter values
+// prove that the server's memory did.
+package loadclient
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Report is what the clients saw.
+type Report struct {
+	Requests  int           // answered requests
+	Failures  int           // failed requests (each ends its client)
+	Errors    []string      // the failures
+	MaxGap    time.Duration // longest wait for one answer: the client-visible pause
+	LastValue int64         // highest counter value seen
+	// Regressions counts answers whose value was not above the previous answer on the same
+	// connection: the server's state went backwards (lost).
+	Regressions int
+	LocalAddrs  []string // each client's local address (the connection identity)
+	PerClient   []int    // answered requests per client, in LocalAddrs order
+}
+
+// Load is a running set of clients.
+type Load struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	rep    Report
+}
+
+// Start opens n connections to addr (host:port) and starts sending requests on each, pausing
+// interval between a client's requests. It returns once every connection answered one
+// request, or the first error.
+func Start(ctx context.Context, addr string, n int, interval time.Duration) (*Load, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	l := &Load{cancel: cancel}
+	conns := make([]net.Conn, 0, n)
+	for i := 0; i < n; i++ {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			for _, c := range conns {
+				c.Close()
+			}
+			cancel()
+			return nil, fmt.Errorf("connect client %d to %s: %w", i, addr, err)
+		}
+		conns = append(conns, c)
+		l.rep.LocalAddrs = append(l.rep.LocalAddrs, c.LocalAddr().String())
+	}
+	l.rep.PerClient = make([]int, n)
+	ready := make(chan error, n)
+	for i, c := range conns {
+		l.wg.Add(1)
+		go l.run(ctx, i, c, interval, ready)
+	}
+	for i := 0; i < n; i++ {
+		if err := <-ready; err != nil {
+			l.Stop()
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Duration, ready chan<- error) {
+	defer l.wg.Done()
+	defer c.Close()
+	go func() { <-ctx.Done(); c.SetDeadline(time.Now()) }()
+	br := bufio.NewReader(c)
+	var prev int64
+	first := true
+	for ctx.Err() == nil {
+		t0 := time.Now()
+		v, err := request(c, br)
+		gap := time.Since(t0)
+		if ctx.Err() != nil {
+			break // stopped mid-request: not a failure
+		}
+		l.mu.Lock()
+		if err != nil {
+			l.rep.Failures++
+			l.rep.Errors = append(l.rep.Errors, fmt.Sprintf("%s: %v", c.LocalAddr(), err))
+		} else {
+			l.rep.Requests++
+			l.rep.PerClient[idx]++
+			if gap > l.rep.MaxGap {
+				l.rep.MaxGap = gap
+			}
+			if v > l.rep.LastValue {
+				l.rep.LastValue = v
+			}
+			if v <= prev {
+				l.rep.Regressions++
+			}
+			prev = v
+		}
+		l.mu.Unlock()
+		if first {
+			first = false
+			ready <- err
+		}
+		if err != nil {
+			return
+		}
+		if interval > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(interval):
+			}
+		}
+	}
+}
+
+func request(c net.Conn, br *bufio.Reader) (int64, error) {
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: counter\r\n\r\n"); err != nil {
+		return 0, fmt.Errorf("send: %w", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return 0, fmt.Errorf("read answer: %w", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return 0, fmt.Errorf("read body: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("status %s", resp.Status)
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(string(body)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("answer %q is not a counter value", body)
+	}
+	return v, nil
+}
+
+// Snapshot returns the report so far.
+func (l *Load) Snapshot() Report {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := l.rep
+	r.Errors = append([]string(nil), r.Errors...)
+	r.LocalAddrs = append([]string(nil), r.LocalAddrs...)
+	r.PerClient = append([]int(nil), r.PerClient...)
+	return r
+}
+
+// Stop ends the clients and returns the final report.
+func (l *Load) Stop() Report {
+	l.cancel()
+	l.wg.Wait()
+	return l.Snapshot()
+}
