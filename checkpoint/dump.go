@@ -16,6 +16,7 @@ import (
 	criu "github.com/checkpoint-restore/go-criu/v8"
 	"github.com/checkpoint-restore/go-criu/v8/rpc"
 	"github.com/hotctl/hot/criubin"
+	"github.com/hotctl/hot/sockets"
 )
 
 // DefaultNetnsKey is the inherit-fd key under which a dump records the external network
@@ -204,10 +205,12 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 			log.Info("took sockets out of TCP repair mode", "pid", opts.PID, "sockets", n)
 		}
 		if opts.Netns != nil && copts.GetNetworkLock() != rpc.CriuNetworkLockMethod_SKIP {
-			if removed, lerr := RemoveNetworkLock(context.WithoutCancel(ctx), opts.Netns.Path); lerr != nil {
+			lctx := context.WithoutCancel(ctx)
+			if locks, lerr := sockets.CRIULocks(lctx, opts.Netns.Path); lerr == nil && len(locks) > 0 {
+				log.Info("removing network lock left by failed dump", "netns", opts.Netns.Path, "objects", locks)
+			}
+			if lerr := sockets.CleanupCRIULock(lctx, opts.Netns.Path); lerr != nil {
 				return nil, errors.Join(cerr, fmt.Errorf("dump: remove network lock: %w", lerr))
-			} else if len(removed) > 0 {
-				log.Info("removed network lock left by failed dump", "netns", opts.Netns.Path, "objects", removed)
 			}
 		}
 		return nil, cerr

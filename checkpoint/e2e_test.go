@@ -17,6 +17,7 @@ import (
 	"github.com/hotctl/hot/internal/testutil"
 	"github.com/hotctl/hot/internal/testutil/sandbox"
 	"github.com/hotctl/hot/restore"
+	"github.com/hotctl/hot/sockets"
 	"golang.org/x/sys/unix"
 )
 
@@ -25,7 +26,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-const counterPkg = "github.com/hotctl/hot/internal/testapps/counter"
+const counterPkg = "github.com/hotctl/hot/internal/testapps/httpcount"
 
 // env is a sandboxed counter server with 4 keep-alive clients connected from the host.
 type env struct {
@@ -46,7 +47,7 @@ func startEnv(t *testing.T, args ...string) *env {
 		t.Skipf("CRIU: %v", err)
 	}
 	app := testapps.Build(t, counterPkg)
-	sb := sandbox.Start(t, sandbox.Options{App: app, Args: append([]string{"-addr", ":8080"}, args...)})
+	sb := sandbox.Start(t, sandbox.Options{App: app, Args: append([]string{"serve", "-addr", ":8080"}, args...)})
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := sandbox.WaitListening(wctx, sb.Addr(8080)); err != nil {
@@ -150,7 +151,7 @@ func TestDumpRestoreKeepsConnections(t *testing.T) {
 		t.Fatalf("counter %d below the %d answered requests: state lost", final.LastValue, final.Requests)
 	}
 	t.Logf("requests before dump %d, after restore %d, final %d; max gap %v", before.Requests, after.Requests, final.Requests, final.MaxGap)
-	if locks, err := checkpoint.NetworkLocks(context.Background(), e.sb.NetnsPath); err != nil || len(locks) > 0 {
+	if locks, err := sockets.CRIULocks(context.Background(), e.sb.NetnsPath); err != nil || len(locks) > 0 {
 		t.Fatalf("network lock left after restore: %v %v", locks, err)
 	}
 }
@@ -167,7 +168,7 @@ func TestDumpLeaveRunning(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(e.images, "inventory.img")); err != nil {
 		t.Fatalf("no images written: %v", err)
 	}
-	if locks, _ := checkpoint.NetworkLocks(context.Background(), e.sb.NetnsPath); len(locks) > 0 {
+	if locks, _ := sockets.CRIULocks(context.Background(), e.sb.NetnsPath); len(locks) > 0 {
 		t.Fatalf("network lock left after a leave-running dump: %v", locks)
 	}
 }
@@ -212,7 +213,7 @@ func testFailedDump(t *testing.T, failpoint string) {
 	if cerr.LogPath == "" || !strings.Contains(err.Error(), cerr.LogPath) {
 		t.Errorf("error does not name the log: %v", err)
 	}
-	if locks, err := checkpoint.NetworkLocks(context.Background(), e.sb.NetnsPath); err != nil || len(locks) > 0 {
+	if locks, err := sockets.CRIULocks(context.Background(), e.sb.NetnsPath); err != nil || len(locks) > 0 {
 		t.Fatalf("network lock left after failed dump: %v %v", locks, err)
 	}
 	if failpoint == checkpoint.FailKillCRIU {

@@ -1,7 +1,7 @@
-// Package testapps holds small programs and clients that end-to-end tests and benchmarks run
-// inside containers: counter (an HTTP server with in-memory state) and loadclient (keep-alive
-// clients that prove the same TCP connections survive a checkpoint). Build tells tests how to
-// compile a program statically so that it runs in an empty root filesystem.
+// Package testapps holds small programs and clients for end-to-end tests and benchmarks:
+// httpcount (an HTTP server with in-memory state, run inside containers) and loadclient
+// (keep-alive clients that prove the same TCP connections survive a checkpoint). Build
+// compiles a program statically so that it runs in an empty root filesystem.
 package testapps
 
 import (
@@ -22,7 +22,7 @@ type buildResult struct {
 }
 
 // Build compiles the program at the import path pkg (for example
-// "github.com/hotctl/hot/internal/testapps/counter") as a static binary, once per test process,
+// "github.com/hotctl/hot/internal/testapps/httpcount") as a static binary, once per test process,
 // and returns its path. The binary lives in a temporary directory that outlives the test.
 func Build(t testing.TB, pkg string) string {
 	t.Helper()

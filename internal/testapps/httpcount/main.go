@@ -2,7 +2,11 @@
 // end-to-end tests: it counts requests in memory and logs each one to stdout. Its
 // subcommands give tests something to run with `hot exec`.
 //
-//	httpcount [serve] [-addr :8080]   serve GET / → "count N\n" (N counts requests)
+//	httpcount [serve] [-addr :8080] [-rss MB] [-ghost PATH]
+//	                                  serve GET / → "count N\n" (N counts requests); -rss keeps
+//	                                  MB of touched memory resident (checkpoint benchmarks),
+//	                                  -ghost creates PATH, keeps it open and deletes it (CRIU
+//	                                  must save it as a ghost file); GET /ghost reads it back
 //	httpcount get URL                 print the body of URL (exit 1 on error)
 //	httpcount exit CODE               exit with CODE
 //	httpcount env                     print the environment
@@ -10,12 +14,15 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"sync/atomic"
 	"syscall"
@@ -31,7 +38,31 @@ func main() {
 	}
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	addr := fs.String("addr", ":8080", "listen address")
+	rssMB := fs.Int("rss", 0, "MB of memory to allocate and keep resident")
+	ghost := fs.String("ghost", "", "file to create, keep open and delete")
 	fs.Parse(args)
+	ballast := make([]byte, *rssMB<<20)
+	for i := 0; i < len(ballast); i += 4096 {
+		ballast[i] = byte(i>>12) | 1 // touch every page with content that is not a zero page
+	}
+	if *ghost != "" {
+		f, err := os.Create(*ghost)
+		if err == nil {
+			_, err = f.WriteString("ghost content\n")
+		}
+		if err == nil {
+			err = os.Remove(*ghost)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "httpcount:", err)
+			os.Exit(1)
+		}
+		http.HandleFunc("/ghost", func(w http.ResponseWriter, r *http.Request) {
+			buf := make([]byte, 64)
+			k, _ := f.ReadAt(buf, 0)
+			w.Write(buf[:k])
+		})
+	}
 	var n atomic.Int64
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		c := n.Add(1)
@@ -47,7 +78,16 @@ func main() {
 		os.Exit(0)
 	}()
 	fmt.Printf("httpcount: listening on %s\n", *addr)
-	if err := http.ListenAndServe(*addr, nil); err != nil {
+	// Go >= 1.24 listens with MPTCP by default where the kernel has it, and CRIU cannot dump
+	// MPTCP sockets ("inet: Unsupported proto 262"): ask for plain TCP.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "tcp", *addr)
+	if err == nil {
+		err = http.Serve(ln, nil)
+	}
+	runtime.KeepAlive(ballast)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "httpcount:", err)
 		os.Exit(1)
 	}

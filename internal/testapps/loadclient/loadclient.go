@@ -1,4 +1,4 @@
-// Package loadclient drives the counter test app from the host: N goroutines, each holding ONE
+// Package loadclient drives the httpcount test app from the host: N goroutines, each holding ONE
 // keep-alive TCP connection for its whole life and never reconnecting, send requests back to
 // back. A request that fails is counted and ends that client, so "zero failures and every
 // client still answering" proves that the same connections survived, and the counter values
@@ -141,7 +141,8 @@ func request(c net.Conn, br *bufio.Reader) (int64, error) {
 	if resp.StatusCode != http.StatusOK {
 		return 0, fmt.Errorf("status %s", resp.Status)
 	}
-	v, err := strconv.ParseInt(strings.TrimSpace(string(body)), 10, 64)
+	// httpcount answers "count N".
+	v, err := strconv.ParseInt(strings.TrimPrefix(strings.TrimSpace(string(body)), "count "), 10, 64)
 	if err != nil {
 		return 0, fmt.Errorf("answer %q is not a counter value", body)
 	}
