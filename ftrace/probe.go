@@ -87,7 +87,8 @@ func probe(m Mechanism) error {
 	defer prog.Close()
 	if !m.Trampoline() {
 		if _, err := cgroup2Mount(); err != nil {
-			return &UnsupportedError{Mechanism: m, Op: "check", Reason: err.Error()}
+			// The kernel has the program type; the host lacks the hierarchy to attach to.
+			return fmt.Errorf("%s programs load, but there is nothing to attach them to: %w", m, err)
 		}
 		return nil
 	}
