@@ -181,8 +181,8 @@ func (m *Manager) Apply(ctx context.Context, s Spec, name string) (ApplyResult, 
 			}
 			return ApplyResult{}, fmt.Errorf("replace %s: %w", name, err)
 		}
-		if err := os.RemoveAll(old); err != nil {
-			return ApplyResult{}, fmt.Errorf("replace %s: unpin old fix %s: %w", name, old, err)
+		if err := m.retire(old); err != nil {
+			return ApplyResult{}, fmt.Errorf("replace %s: drop old fix: %w", name, err)
 		}
 	} else if err := os.Rename(staging, dir); err != nil {
 		os.RemoveAll(staging)
@@ -405,13 +405,59 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 		return err
 	}
 	defer unlock()
-	// Unpinning the links drops their last reference, which detaches the programs.
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("remove fix %s: unpin %s: %w", name, dir, err)
+	if err := m.retire(dir); err != nil {
+		return fmt.Errorf("remove fix %s: %w", name, err)
 	}
 	m.log().Info("fix removed", "name", name)
 	return nil
 }
+
+// retire detaches the links of the fix pinned in dir, unpins everything, and waits until
+// the kernel has released the links: the release of an unpinned link runs later from a
+// kernel work queue, so without the wait a fix could still act for a moment after remove.
+func (m *Manager) retire(dir string) error {
+	var ids []link.ID
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "link") {
+			continue
+		}
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			m.log().Warn("load pinned link", "pin", filepath.Join(dir, e.Name()), "err", err)
+			continue
+		}
+		if info, err := l.Info(); err == nil {
+			ids = append(ids, info.ID)
+		}
+		// Detach takes effect at once where the kernel supports it (cgroup links do).
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			m.log().Debug("detach link", "pin", e.Name(), "err", err)
+		}
+		l.Close()
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("unpin %s: %w", dir, err)
+	}
+	deadline := time.Now().Add(releaseTimeout)
+	for _, id := range ids {
+		for {
+			l, err := link.NewFromID(id)
+			if err != nil {
+				break // released
+			}
+			l.Close()
+			if time.Now().After(deadline) {
+				return fmt.Errorf("link %d is still in the kernel %s after unpinning: another process holds a file descriptor to it (find it with 'bpftool link show id %d')", id, releaseTimeout, id)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// releaseTimeout bounds the wait for the kernel to release unpinned links.
+const releaseTimeout = 5 * time.Second
 
 // lock makes sure Root exists on a bpffs and takes an exclusive lock on it.
 func (m *Manager) lock() (func(), error) {
