@@ -117,6 +117,11 @@ func (s *System) Load(ctx context.Context, path string, o LoadOptions) (*LoadRes
 	if err != nil {
 		return nil, err
 	}
+	for _, p := range before {
+		if p.Transition {
+			return nil, fmt.Errorf("load livepatch %s: livepatch %s is still in transition to %s and the kernel allows one transition at a time: wait for it ('hot livepatch status %s') or reverse it, then retry", m.SysfsName, p.Name, p.Target(), p.Name)
+		}
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("load livepatch: %w", err)

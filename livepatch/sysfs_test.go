@@ -213,6 +213,15 @@ func TestLoadRefusesBeforeLoading(t *testing.T) {
 	}
 }
 
+func TestLoadRefusesWhileAnotherPatchIsInTransition(t *testing.T) {
+	k := newFakeKernel(t)
+	k.addPatch("lp_old", false, true, nil)
+	_, err := k.sys.Load(context.Background(), writeFile(t, "lp.ko", goodModule(t)), LoadOptions{})
+	if err == nil || !strings.Contains(err.Error(), "lp_old is still in transition to disabled") {
+		t.Fatalf("Load = %v, want a refusal naming lp_old (and LoadModule never called)", err)
+	}
+}
+
 func TestStalledTransitionReportsSignalsAndForces(t *testing.T) {
 	k := newFakeKernel(t)
 	k.addPatch("lp_stall", true, true, map[string][]string{"stall_target": {"hot_stall_wait,1"}})

@@ -316,7 +316,11 @@ func progressPrinter(w io.Writer) func(livepatch.Event) {
 		switch e.Kind {
 		case livepatch.EventWaiting:
 			if tty {
-				fmt.Fprintf(w, "\r\033[K%s → %s: %s, %d task(s) pending", e.Patch, e.Target, e.Elapsed.Round(100*time.Millisecond), e.Pending)
+				pending := fmt.Sprintf("%d task(s) not yet switched", e.Pending)
+				if e.Pending == 0 {
+					pending = "waiting for the kernel's next try" // e.g. idle tasks, which /proc does not show
+				}
+				fmt.Fprintf(w, "\r\033[K%s → %s: %s, %s", e.Patch, e.Target, e.Elapsed.Round(100*time.Millisecond), pending)
 			}
 		case livepatch.EventBlocked:
 			if tty {
