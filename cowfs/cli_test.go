@@ -1,6 +1,7 @@
 package cowfs_test
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -75,5 +76,57 @@ func TestCLIImportRootfsLsInspect(t *testing.T) {
 	res = hot(t, root, 2, "image", "import", "--rootfs", rootfs, "extra-arg")
 	if !strings.Contains(res.Stderr, "not both") {
 		t.Errorf("usage error: %s", res.Stderr)
+	}
+}
+
+func TestCLIRmExport(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := filepath.Join(t.TempDir(), "root")
+	rootfs := t.TempDir()
+	if err := os.WriteFile(filepath.Join(rootfs, "f"), []byte("f"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hot(t, root, 0, "image", "import", "--rootfs", rootfs, "--tag", "app:v1")
+	s, err := cowfs.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := s.Resolve(context.Background(), "app:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Export and re-import into another store: same digests, same name.
+	archive := filepath.Join(t.TempDir(), "app.tar")
+	hot(t, root, 0, "image", "export", "app:v1", archive)
+	root2 := filepath.Join(t.TempDir(), "root2")
+	var ims []cowfs.Imported
+	if err := json.Unmarshal([]byte(hot(t, root2, 0, "image", "import", archive, "--json").Stdout), &ims); err != nil {
+		t.Fatal(err)
+	}
+	if len(ims) != 1 || ims[0].ManifestDigest != img.ManifestDigest || ims[0].ID != img.ID || ims[0].Names[0] != "app:v1" {
+		t.Fatalf("re-import: %+v, want %s / %s", ims, img.ManifestDigest, img.ID)
+	}
+
+	if err := s.Hold(context.Background(), img.ID, "web-7"); err != nil {
+		t.Fatal(err)
+	}
+	res := hot(t, root, 1, "image", "rm", "app:v1")
+	if !strings.Contains(res.Stderr, "web-7") || !strings.Contains(res.Stderr, "in use") {
+		t.Errorf("rm of a used image: %s", res.Stderr)
+	}
+	if err := s.Release(context.Background(), img.ID, "web-7"); err != nil {
+		t.Fatal(err)
+	}
+	if out := hot(t, root, 0, "image", "rm", "app:v1").Stdout; !strings.Contains(out, "deleted "+string(img.ManifestDigest)) {
+		t.Errorf("rm output: %s", out)
+	}
+	if out := hot(t, root, 0, "image", "ls", "--json").Stdout; strings.TrimSpace(out) != "[]" {
+		t.Errorf("ls after rm: %s", out)
+	}
+	for _, d := range []string{"blobs/sha256", "layers", "layermeta"} {
+		if entries, _ := os.ReadDir(filepath.Join(root, d)); len(entries) != 0 {
+			t.Errorf("%s not emptied by rm: %d entries", d, len(entries))
+		}
 	}
 }

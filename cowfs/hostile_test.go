@@ -2,16 +2,19 @@ package cowfs
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/hotctl/hot/internal/testutil"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 )
 
@@ -305,4 +308,77 @@ func TestReusedLayerRecheckedOnNewLowers(t *testing.T) {
 		t.Errorf("good image broken: %v", err)
 	}
 	assertUntouched(t, outside)
+}
+
+// writeDockerArchive writes a docker-archive tar with one image: config and layers named as
+// given (name → content).
+func writeDockerArchive(t *testing.T, out string, cfgName string, cfg []byte, layerNames []string, layers [][]byte, repoTags []string) {
+	t.Helper()
+	dir := t.TempDir()
+	files := map[string][]byte{cfgName: cfg}
+	for i, n := range layerNames {
+		files[n] = layers[i]
+	}
+	m, _ := json.Marshal([]dockerManifestEntry{{Config: cfgName, RepoTags: repoTags, Layers: layerNames}})
+	files["manifest.json"] = m
+	for n, data := range files {
+		must(t, os.MkdirAll(filepath.Dir(filepath.Join(dir, n)), 0o755))
+		must(t, os.WriteFile(filepath.Join(dir, n), data, 0o644))
+	}
+	tarDir(t, dir, out)
+}
+
+func TestDockerArchiveVerification(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := context.Background()
+	work := t.TempDir()
+	layer := layerTar(t, file("hello", "hello"))
+	diffID := digest.FromBytes(layer)
+	cfg, _ := json.Marshal(ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: runtime.GOARCH},
+		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{diffID}}})
+	cfgName := digest.FromBytes(cfg).Encoded() + ".json"
+	tampered := layerTar(t, file("hello", "HELLO"))
+
+	good := filepath.Join(work, "good.tar")
+	writeDockerArchive(t, good, cfgName, cfg, []string{diffID.Encoded() + ".tar"}, [][]byte{layer}, []string{"localhost/d:1"})
+	s, err := Open(filepath.Join(work, "store"))
+	must(t, err)
+	ims, err := s.Import(ctx, good, ImportOptions{})
+	must(t, err)
+	if len(ims) != 1 || ims[0].ID != digest.FromBytes(cfg) || len(ims[0].Names) != 1 || ims[0].Names[0] != "localhost/d:1" {
+		t.Fatalf("docker-archive import: %+v", ims)
+	}
+
+	cases := map[string]struct {
+		cfgName, layerName string
+		cfg, layer         []byte
+		want               string
+	}{
+		"layer named by digest, content changed":  {cfgName, diffID.Encoded() + ".tar", cfg, tampered, "digest mismatch"},
+		"legacy layer.tar, content changed":       {cfgName, "abc/layer.tar", cfg, tampered, "but the image config says diffID " + string(diffID)},
+		"config named by digest, content changed": {cfgName, "abc/layer.tar", append(cfg, ' '), layer, "config blob " + digest.FromBytes(cfg).String() + ": digest mismatch"},
+		"missing layer": {cfgName, "abc/layer.tar", cfg, nil, "missing"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "bad.tar")
+			layerNames, layers := []string{tc.layerName}, [][]byte{tc.layer}
+			if tc.layer == nil {
+				m, _ := json.Marshal([]dockerManifestEntry{{Config: tc.cfgName, Layers: layerNames}})
+				d := t.TempDir()
+				must(t, os.WriteFile(filepath.Join(d, "manifest.json"), m, 0o644))
+				must(t, os.WriteFile(filepath.Join(d, tc.cfgName), tc.cfg, 0o644))
+				tarDir(t, d, p)
+			} else {
+				writeDockerArchive(t, p, tc.cfgName, tc.cfg, layerNames, layers, nil)
+			}
+			s, err := Open(filepath.Join(t.TempDir(), "store"))
+			must(t, err)
+			_, err = s.Import(ctx, p, ImportOptions{Tag: "bad:1"})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want it to say %q", err, tc.want)
+			}
+			assertStoreEmpty(t, s)
+		})
+	}
 }

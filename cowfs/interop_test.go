@@ -117,7 +117,9 @@ COPY new /data/new
 	sources := map[string]string{"oci-archive": ociArchive, "docker-archive": dockerArchive}
 	if _, err := exec.LookPath("skopeo"); err == nil {
 		layoutDir := filepath.Join(work, "two-layout")
-		if out, err := exec.Command("skopeo", "copy", "oci-archive:"+ociArchive, "oci:"+layoutDir+":two").CombinedOutput(); err != nil {
+		cmd := exec.Command("skopeo", "copy", "oci-archive:"+ociArchive, "oci:"+layoutDir+":two")
+		cmd.Env = append(os.Environ(), "TMPDIR="+t.TempDir())
+		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("skopeo copy: %v\n%s", err, out)
 		}
 		sources["oci-layout (skopeo)"] = layoutDir
