@@ -27,6 +27,25 @@
 //   - The console (serial ttyS0) is captured whole in Result.Console and, when Config.Console
 //     is set, copied there live (e.g. a t.Log writer) so slow boots are visible.
 //
+// # Use
+//
+//	func TestSomethingInVM(t *testing.T) {
+//		k := vmtest.Require(t, false) // true when the test builds modules
+//		res, err := vmtest.Run(context.Background(), vmtest.Config{
+//			Kernel: k.Image,
+//			Hot:    testutil.HotBinary(t), // CGO_ENABLED=0 build
+//			Files:  []vmtest.File{{Src: "testdata/fix.json", Dst: "/data/fix.json"}},
+//			Script: "set -e\nhot hotfix probe\necho '@@BEGIN out'; cat /tmp/out; echo '@@END out'\n",
+//		})
+//		if err != nil { t.Fatal(err) }         // no verdict: boot failure, panic, timeout
+//		if res.Status != 0 { t.Fatalf("guest failed:\n%s", res.Console) }
+//	}
+//
+// The guest has busybox (sh, insmod, rmmod, dd, grep, ...), /proc, /sys, /dev (devtmpfs) and
+// a tmpfs /tmp; there is no network (-nic none). Frame what the host should parse with
+// markers, as livepatch/vm_test.go does, since kernel messages can interleave on the console.
+// The kernel's .config is at Kernel.Config ([Kernel.ConfigEnabled] checks an option).
+//
 // Statuses 0..127 travel through the port unchanged; larger ones are reported as 127.
 // One boot takes 6–12 s of TCG on the reference machine: put a whole scenario in one script.
 package vmtest
