@@ -86,7 +86,7 @@ func Kinds() []Kind {
 			Example:    "sysctl-deny:name=kernel.domainname,cgroup=/sys/fs/cgroup/unified/web",
 			Params: []Param{
 				{Name: "name", Required: true, normalize: normSysctl, Help: "sysctl name, dotted (net.ipv4.ip_forward) or as under /proc/sys (net/ipv4/ip_forward)"},
-				{Name: "access", Default: "write", normalize: oneOf("write", "rw"), Help: "write (default) or rw"},
+				{Name: "access", Default: "write", normalize: oneOf("write", "rw"), Help: "write or rw"},
 				cgroupParam,
 			},
 			plan: planSysctl,
@@ -97,10 +97,10 @@ func Kinds() []Kind {
 			Mechanisms: []Mechanism{MechDevice},
 			Example:    "device-deny:type=c,major=1,minor=3,access=rw,cgroup=/sys/fs/cgroup/unified/web",
 			Params: []Param{
-				{Name: "type", Default: "a", normalize: oneOf("a", "b", "c"), Help: "c (char), b (block) or a (both, default)"},
-				{Name: "major", Default: "*", normalize: normDevNum, Help: "major number or * (default)"},
-				{Name: "minor", Default: "*", normalize: normDevNum, Help: "minor number or * (default)"},
-				{Name: "access", Default: "mrw", normalize: normDevAccess, Help: "any of r (read), w (write), m (mknod); default rwm"},
+				{Name: "type", Default: "a", normalize: oneOf("a", "b", "c"), Help: "c (char), b (block) or a (both)"},
+				{Name: "major", Default: "*", normalize: normDevNum, Help: "major number or * (any)"},
+				{Name: "minor", Default: "*", normalize: normDevNum, Help: "minor number or * (any)"},
+				{Name: "access", Default: "rwm", normalize: normDevAccess, Help: "any of r (read), w (write), m (mknod)"},
 				cgroupParam,
 			},
 			plan: planDevice,
@@ -142,7 +142,7 @@ func Kinds() []Kind {
 			Example:    "count:func=security_file_open",
 			Params: []Param{
 				{Name: "func", Required: true, normalize: normFuncName, Help: "kernel function present in the kernel BTF"},
-				{Name: "mech", Default: string(MechFentry), normalize: oneOf(string(MechFentry), string(MechFexit)), Help: "fentry (default) or fexit"},
+				{Name: "mech", Default: string(MechFentry), normalize: oneOf(string(MechFentry), string(MechFexit)), Help: "fentry or fexit"},
 			},
 			plan: planCount,
 		},
@@ -274,12 +274,12 @@ func normDevNum(v string) (string, error) {
 
 func normDevAccess(v string) (string, error) {
 	var out strings.Builder
-	for _, c := range "mrw" {
+	for _, c := range "rwm" {
 		if strings.ContainsRune(v, c) {
 			out.WriteRune(c)
 		}
 	}
-	if out.Len() == 0 || strings.Trim(v, "mrw") != "" {
+	if out.Len() == 0 || strings.Trim(v, "rwm") != "" {
 		return "", errors.New("want a combination of r, w and m")
 	}
 	return out.String(), nil

@@ -24,6 +24,11 @@ cat /proc/version >/dev/null; cat /proc/cmdline >/dev/null
 hot hotfix list --json | grep -q '"hits": [1-9]' || fail 21 "fentry counter did not count"
 echo VMTEST-OK: fentry counts
 hot hotfix remove opens || fail 22 "remove counter"
+hot hotfix apply count:func=security_file_open,mech=fexit --name opens-exit || fail 23 "apply fexit counter"
+cat /proc/version >/dev/null
+hot hotfix list --json | grep -q '"hits": [1-9]' || fail 24 "fexit counter did not count"
+hot hotfix remove opens-exit || fail 25 "remove fexit counter"
+echo VMTEST-OK: fexit counts
 
 echo secret > /tmp/secret
 for mech in fmod_ret lsm; do
@@ -53,7 +58,7 @@ exit 0
 `
 
 // TestTrampolineFixesInVM proves the trampoline kinds on a kernel that allows them (this
-// host's kernel refuses them): an fentry counter counts, open-deny through fmod_ret and
+// host's kernel refuses them): fentry and fexit counters count, open-deny through fmod_ret and
 // through BPF LSM makes cat fail on one file while other commands and files are untouched
 // and reverts on remove, and hook-deny changes an LSM hook's result for one comm.
 func TestTrampolineFixesInVM(t *testing.T) {
@@ -75,7 +80,7 @@ func TestTrampolineFixesInVM(t *testing.T) {
 	if res.Status != 0 {
 		t.Fatalf("guest script failed with status %d; console:\n%s", res.Status, res.Console)
 	}
-	for _, want := range []string{"VMTEST-OK: fentry counts", "VMTEST-OK: open-deny via fmod_ret", "VMTEST-OK: open-deny via lsm", "VMTEST-OK: hook-deny", "VMTEST-OK: all"} {
+	for _, want := range []string{"VMTEST-OK: fentry counts", "VMTEST-OK: fexit counts", "VMTEST-OK: open-deny via fmod_ret", "VMTEST-OK: open-deny via lsm", "VMTEST-OK: hook-deny", "VMTEST-OK: all"} {
 		if !strings.Contains(res.Console, want) {
 			t.Errorf("console lacks %q:\n%s", want, res.Console)
 		}
