@@ -507,6 +507,9 @@ func ensureBPFFS(root string) error {
 		var fs unix.Statfs_t
 		return unix.Statfs(p, &fs) == nil && fs.Type == unix.BPF_FS_MAGIC
 	}
+	if rel, err := filepath.Rel(existing, root); err == nil && strings.Contains(rel, ".") && rel != "." {
+		return fmt.Errorf("bpffs directory %s: bpffs refuses names containing '.', choose another --bpffs", root)
+	}
 	if !isBPF(existing) {
 		if existing != "/sys/fs/bpf" {
 			return fmt.Errorf("%s is not on a bpf file system: mount one first (mount -t bpf bpf %s)", root, existing)
