@@ -42,7 +42,8 @@
 //	<run-root>/<id>/monitor.sock              monitor socket
 //	<run-root>/netns/<id>                     network namespace (package network)
 //
-// Not done yet (issue #9): capabilities, seccomp, masked and read-only paths, no_new_privs,
-// user namespaces, symlink-safe mount targets inside the image. The spec is built in one
-// place (buildSpec) and applied in one place (the init), where they will go.
+// Isolation (capabilities, no_new_privs, masked and read-only paths, seccomp) comes from
+// package isolation: Run calls isolation.Apply on the spec, the init calls ProtectPaths after
+// pivot_root and a Restrictor around the user switch (docs/isolation.md).
+// Not done yet: user namespaces, symlink-safe mount targets inside the image.
 package container

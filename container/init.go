@@ -13,6 +13,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/hotctl/hot/isolation"
 )
 
 // File descriptors the monitor hands to the container init (hot __init).
@@ -63,6 +65,11 @@ func initContainer(configPath string) error {
 	if spec.Process == nil || spec.Root == nil || spec.Linux == nil {
 		return fmt.Errorf("container init: %s lacks process, root or linux section", configPath)
 	}
+	// Parse capabilities and compile seccomp before changing anything.
+	restrict, err := isolation.NewRestrictor(spec.Process, spec.Linux)
+	if err != nil {
+		return err
+	}
 	for _, ns := range spec.Linux.Namespaces {
 		if ns.Type == specs.NetworkNamespace && ns.Path != "" {
 			if err := joinNetns(ns.Path); err != nil {
@@ -78,7 +85,11 @@ func initContainer(configPath string) error {
 			return fmt.Errorf("container init: set hostname %q: %w", spec.Hostname, err)
 		}
 	}
-	return execProcess(spec.Process)
+	// Masked and read-only paths need CAP_SYS_ADMIN: before any privilege is dropped.
+	if err := isolation.ProtectPaths(spec.Linux); err != nil {
+		return fmt.Errorf("container init: %w", err)
+	}
+	return execProcess(spec.Process, restrict)
 }
 
 func joinNetns(path string) error {
@@ -259,8 +270,8 @@ func createDevices(root string, devs []specs.LinuxDevice) error {
 	return nil
 }
 
-// execProcess switches to the process's user and directory and execs it.
-func execProcess(p *specs.Process) error {
+// execProcess switches to the process's user and directory, drops privileges and execs it.
+func execProcess(p *specs.Process, restrict *isolation.Restrictor) error {
 	if err := os.MkdirAll(p.Cwd, 0o755); err != nil {
 		return fmt.Errorf("container init: create working directory %s: %w", p.Cwd, err)
 	}
@@ -270,6 +281,9 @@ func execProcess(p *specs.Process) error {
 	groups := make([]int, 0, len(p.User.AdditionalGids))
 	for _, g := range p.User.AdditionalGids {
 		groups = append(groups, int(g))
+	}
+	if err := restrict.BeforeSetuid(); err != nil {
+		return err
 	}
 	if err := unix.Setgroups(groups); err != nil {
 		return fmt.Errorf("container init: setgroups: %w", err)
@@ -283,6 +297,10 @@ func execProcess(p *specs.Process) error {
 	path, err := lookPath(p.Args[0], lookEnv(p.Env, "PATH"))
 	if err != nil {
 		return fmt.Errorf("container init: %w", err)
+	}
+	// Capabilities, no_new_privs, then seccomp: the last step before execve.
+	if err := restrict.BeforeExec(); err != nil {
+		return err
 	}
 	if err := unix.Exec(path, p.Args, p.Env); err != nil {
 		return fmt.Errorf("container init: exec %s: %w", p.Args[0], err)

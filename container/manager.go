@@ -19,6 +19,7 @@ import (
 
 	"github.com/hotctl/hot/cgroups"
 	"github.com/hotctl/hot/cowfs"
+	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -114,6 +115,9 @@ func (m *Manager) Run(ctx context.Context, o RunOptions) (*Container, error) {
 	spec, err := buildSpec(img.Config.Config, o, specInput{Rootfs: m.p.rootfs(id), Hostname: hostname,
 		Cgroup: cgName, Resources: o.Resources})
 	if err != nil {
+		return nil, err
+	}
+	if err := isolation.Apply(spec, o.Isolation); err != nil {
 		return nil, err
 	}
 	gen := Generation{N: 1, Image: o.Image, ImageID: img.ID, LowerDirs: img.LayerDirs,

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
 )
 
@@ -23,6 +24,8 @@ type RunOptions struct {
 	User       string // UID[:GID], numeric
 	Hostname   string
 	Resources  Resources
+	// Isolation: capabilities, seccomp, masked paths, no_new_privs (package isolation).
+	Isolation isolation.Options
 
 	// Network: Mode "none" gives the container only a loopback device; otherwise it is
 	// attached to Bridge/Subnet through the network package.

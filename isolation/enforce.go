@@ -102,6 +102,12 @@ func NewRestrictor(p *specs.Process, l *specs.Linux) (*Restrictor, error) {
 	if c := p.Capabilities; c != nil {
 		r.hasCaps = true
 		var err error
+		// Nobody can grant what it does not hold (on some hosts root lacks CAP_SYS_RESOURCE):
+		// a privileged container gets every capability the init has.
+		held, err := heldCaps()
+		if err != nil {
+			return nil, fmt.Errorf("container init: %w", err)
+		}
 		for _, s := range []struct {
 			dst  *uint64
 			list []string
@@ -114,6 +120,7 @@ func NewRestrictor(p *specs.Process, l *specs.Linux) (*Restrictor, error) {
 			if *s.dst, err = capMask(s.list, r.lastCap); err != nil {
 				return nil, fmt.Errorf("container init: %s capabilities: %w", s.name, err)
 			}
+			*s.dst &= held
 		}
 	}
 	if l != nil && l.Seccomp != nil {
@@ -140,6 +147,16 @@ func capMask(names []string, last int) (uint64, error) {
 		}
 	}
 	return m, nil
+}
+
+// heldCaps is the calling thread's permitted set.
+func heldCaps() (uint64, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return 0, fmt.Errorf("read own capabilities: %w", err)
+	}
+	return uint64(data[0].Permitted) | uint64(data[1].Permitted)<<32, nil
 }
 
 // lastCap is the highest capability the running kernel knows.

@@ -80,6 +80,13 @@ func DefaultReadonlyPaths() []string {
 	return []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
 }
 
+// Validate checks the capability names, so that the command line can report them as usage
+// errors before anything is created.
+func (o Options) Validate() error {
+	_, err := resolveCaps(nil, o.CapAdd, o.CapDrop)
+	return err
+}
+
 // Apply writes the isolation opts ask for into spec: process capabilities (bounding,
 // effective, permitted; inheritable and ambient empty), no_new_privs, masked and read-only
 // paths, and the seccomp filter. It does not touch the host apart from reading the kernel

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -11,7 +12,9 @@ import (
 	"time"
 
 	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 )
@@ -37,6 +40,7 @@ func newRunCmd(opts *globalOptions) *cobra.Command {
 		entrypoint               string
 		entrypointSet, printJSON bool
 		pidsLimit                int64
+		securityOpts             []string
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] IMAGE [CMD...]",
@@ -91,6 +95,14 @@ Without -d, hot run prints the container's output until it exits and exits with 
 				}
 				ro.User = user
 			}
+			for _, so := range securityOpts {
+				if err := ro.Isolation.AddSecurityOpt(so); err != nil {
+					return usageError{err}
+				}
+			}
+			if err := ro.Isolation.Validate(); err != nil {
+				return usageError{err}
+			}
 			m, err := opts.manager()
 			if err != nil {
 				return err
@@ -126,6 +138,10 @@ Without -d, hot run prints the container's output until it exits and exits with 
 	f.StringVar(&ro.NetworkMode, "network", "bridge", "bridge: attach to the host bridge; none: loopback only")
 	f.StringVar(&ro.Bridge, "bridge", envOr("HOT_BRIDGE", network.DefaultBridge), "host bridge to attach to ($HOT_BRIDGE)")
 	f.StringVar(&subnet, "subnet", envOr("HOT_SUBNET", network.DefaultSubnet), "subnet of the bridge ($HOT_SUBNET)")
+	f.BoolVar(&ro.Isolation.Privileged, "privileged", false, "give the container every capability and turn off seccomp, masked and read-only /proc paths and no_new_privs")
+	f.StringArrayVar(&ro.Isolation.CapAdd, "cap-add", nil, "add a capability to the default set, e.g. NET_RAW or CAP_SYS_TIME, or ALL (repeatable)")
+	f.StringArrayVar(&ro.Isolation.CapDrop, "cap-drop", nil, "drop a capability from the default set, or ALL (repeatable; --cap-add is applied after it)")
+	f.StringArrayVar(&securityOpts, "security-opt", nil, "seccomp=unconfined, seccomp=PROFILE.json (Docker or OCI format), no-new-privileges[=true|false] (repeatable)")
 	return cmd
 }
 
@@ -253,6 +269,12 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 				row("finished", c.Exit.Finished.Local().Format(time.RFC3339))
 			}
 			row("log", c.LogPath)
+			var spec specs.Spec
+			if b, err := os.ReadFile(c.ConfigPath); err == nil && json.Unmarshal(b, &spec) == nil {
+				sum := isolation.Summarize(&spec)
+				row("capabilities", strings.Join(sum.Capabilities, ","))
+				row("isolation", sum.String())
+			}
 			return tw.Flush()
 		},
 	}

@@ -113,3 +113,16 @@ func RunHot(t testing.TB, timeout time.Duration, args ...string) Result {
 	}
 	return res
 }
+
+// BuildStatic builds the Go package pkg of this module (e.g. "./internal/testapps/secprobe")
+// with CGO_ENABLED=0 into out, for use inside container root file systems.
+func BuildStatic(t testing.TB, pkg, out string) error {
+	t.Helper()
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = ModuleRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return &buildError{err: err, out: string(b)}
+	}
+	return nil
+}
