@@ -1,0 +1,223 @@
+package update
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Change is a held file whose content differs between the running generation and the new one.
+type Change struct {
+	HeldFile
+	Old string `json:"-"` // host path of the running content
+	New string `json:"-"` // host path of the new content; "" when the new image removes the file
+}
+
+// Removed reports whether the new generation no longer has the file.
+func (c Change) Removed() bool { return c.New == "" }
+
+// diffHeld returns the held files whose content at their path differs between the old view
+// (oldStack, bottom first, ending with the old upper) and the new view (newStack).
+func diffHeld(held []HeldFile, oldStack, newStack []string) ([]Change, error) {
+	var out []Change
+	for _, h := range held {
+		oldPath, ok, err := layerLookup(oldStack, h.Path)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			continue // not on the image stack (e.g. created then renamed away); CRIU handles it
+		}
+		newPath, ok, err := layerLookup(newStack, h.Path)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			if newPath == oldPath {
+				continue // the same layer file in both generations
+			}
+			same, err := sameFile(oldPath, newPath)
+			if err != nil {
+				return nil, err
+			}
+			if same {
+				continue
+			}
+		} else {
+			newPath = ""
+		}
+		out = append(out, Change{HeldFile: h, Old: oldPath, New: newPath})
+	}
+	return out, nil
+}
+
+// sameFile compares type, mode, owner, size and bytes.
+func sameFile(a, b string) (bool, error) {
+	var sa, sb unix.Stat_t
+	if err := unix.Lstat(a, &sa); err != nil {
+		return false, fmt.Errorf("stat %s: %w", a, err)
+	}
+	if err := unix.Lstat(b, &sb); err != nil {
+		return false, fmt.Errorf("stat %s: %w", b, err)
+	}
+	if sa.Mode != sb.Mode || sa.Uid != sb.Uid || sa.Gid != sb.Gid || sa.Size != sb.Size {
+		return false, nil
+	}
+	if sa.Mode&unix.S_IFMT != unix.S_IFREG {
+		return true, nil
+	}
+	fa, err := os.Open(a)
+	if err != nil {
+		return false, err
+	}
+	defer fa.Close()
+	fb, err := os.Open(b)
+	if err != nil {
+		return false, err
+	}
+	defer fb.Close()
+	bufA, bufB := make([]byte, 64<<10), make([]byte, 64<<10)
+	for {
+		na, ea := io.ReadFull(fa, bufA)
+		nb, eb := io.ReadFull(fb, bufB)
+		if na != nb || !bytes.Equal(bufA[:na], bufB[:nb]) {
+			return false, nil
+		}
+		if ea == io.EOF || ea == io.ErrUnexpectedEOF {
+			return eb == io.EOF || eb == io.ErrUnexpectedEOF, nil
+		}
+		if ea != nil {
+			return false, fmt.Errorf("read %s: %w", a, ea)
+		}
+		if eb != nil {
+			return false, fmt.Errorf("read %s: %w", b, eb)
+		}
+	}
+}
+
+// stageOld copies the running content of each changed file into the new generation's upper
+// directory at its path, so that CRIU finds exactly the file the process had open when it
+// restores into the new root. Parent directories are created with the mode and owner the
+// merged new view has (newStack), so the upper adds no visible change of its own.
+func stageOld(changes []Change, upper string, newStack []string) error {
+	for _, c := range changes {
+		dst := hostPathIn(upper, c.Path)
+		if err := mkParents(upper, c.Path, newStack); err != nil {
+			return err
+		}
+		if err := copyFile(c.Old, dst); err != nil {
+			return fmt.Errorf("stage running content of %s: %w", c.Path, err)
+		}
+	}
+	return nil
+}
+
+func mkParents(upper, p string, stack []string) error {
+	rel := strings.TrimPrefix(filepath.Clean("/"+p), "/")
+	parts := strings.Split(rel, "/")
+	dir := "/"
+	for _, part := range parts[:len(parts)-1] {
+		dir = filepath.Join(dir, part)
+		dst := hostPathIn(upper, dir)
+		if _, err := os.Lstat(dst); err == nil {
+			continue
+		}
+		mode, uid, gid := uint32(0o755), 0, 0
+		if src, ok, _ := layerLookup(stack, dir); ok {
+			var st unix.Stat_t
+			if err := unix.Lstat(src, &st); err == nil {
+				mode, uid, gid = st.Mode&0o7777, int(st.Uid), int(st.Gid)
+			}
+		}
+		if err := os.Mkdir(dst, os.FileMode(mode)); err != nil && !os.IsExist(err) {
+			return fmt.Errorf("create %s in new upper: %w", dir, err)
+		}
+		if err := os.Lchown(dst, uid, gid); err != nil {
+			return fmt.Errorf("chown %s in new upper: %w", dir, err)
+		}
+		if err := os.Chmod(dst, os.FileMode(mode)&os.ModePerm|specialBits(mode)); err != nil {
+			return fmt.Errorf("chmod %s in new upper: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+func specialBits(mode uint32) os.FileMode {
+	var m os.FileMode
+	if mode&unix.S_ISUID != 0 {
+		m |= os.ModeSetuid
+	}
+	if mode&unix.S_ISGID != 0 {
+		m |= os.ModeSetgid
+	}
+	if mode&unix.S_ISVTX != 0 {
+		m |= os.ModeSticky
+	}
+	return m
+}
+
+// copyFile copies a regular file with its mode and owner to dst (replacing dst atomically).
+func copyFile(src, dst string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(src, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", src, err)
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".hot-stage-*")
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err := io.Copy(tmp, in); err != nil {
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	if err := tmp.Chown(int(st.Uid), int(st.Gid)); err != nil {
+		return err
+	}
+	if err := tmp.Chmod(os.FileMode(st.Mode&0o777) | specialBits(st.Mode)); err != nil {
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// publishNew makes the new generation's content visible at each changed path, through the
+// mounted new root, after the processes were restored holding the staged running content:
+// the new file replaces the staged one with a rename (the processes keep the old inode), and a
+// file the new image removed is unlinked. This is what a package upgrade does to a running binary.
+func publishNew(changes []Change, mountedRoot string) error {
+	for _, c := range changes {
+		dst := hostPathIn(mountedRoot, c.Path)
+		if c.Removed() {
+			if err := os.Remove(dst); err != nil && !os.IsNotExist(err) {
+				return fmt.Errorf("remove %s (gone in the new image): %w", c.Path, err)
+			}
+			continue
+		}
+		if err := copyFile(c.New, dst); err != nil {
+			return fmt.Errorf("publish new content of %s: %w", c.Path, err)
+		}
+	}
+	return nil
+}
