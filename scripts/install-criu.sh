@@ -42,7 +42,10 @@ mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs"
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" >"$work/sources.list"
 apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
 	-o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Dir::State::status=/dev/null
-	-o APT::Sandbox::User=root -o Acquire::Retries=3)
+	-o APT::Sandbox::User=root -o Acquire::Retries=3
+	# Mirrors and snapshots may serve a Release file past its Valid-Until date; signatures are
+	# still checked against Debian's keyring.
+	-o Acquire::Check-Valid-Until=false -o Acquire::Check-Date=false)
 
 echo "criu: fetching package lists of Debian $suite (private apt state, the system is not changed)"
 apt-get "${apt_opts[@]}" -q update >"$work/update.log" 2>&1 || { cat "$work/update.log"; exit 1; }
@@ -78,4 +81,5 @@ rm -rf "$prefix.old"
 
 version_ok "$prefix/bin/criu" || { echo "criu: installed binary does not report >= 4.2:" >&2; "$prefix/bin/criu" --version >&2; exit 1; }
 echo "criu: installed $("$prefix/bin/criu" --version | head -1) into $prefix"
-"$prefix/bin/criu" check 2>&1 | tail -1
+# Informational: `hot doctor` reports the outcome of `criu check` with the reason and the fix.
+echo "criu: criu check says: $("$prefix/bin/criu" check 2>&1 | tail -1)"
