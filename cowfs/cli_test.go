@@ -3,7 +3,9 @@ package cowfs_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -128,5 +130,62 @@ func TestCLIRmExport(t *testing.T) {
 		if entries, _ := os.ReadDir(filepath.Join(root, d)); len(entries) != 0 {
 			t.Errorf("%s not emptied by rm: %d entries", d, len(entries))
 		}
+	}
+}
+
+// A SIGKILLed import leaves its staging behind; the next import removes it and the store
+// shows no trace of the killed one.
+func TestCLIKilledImportIsCleanedUp(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := filepath.Join(t.TempDir(), "root")
+	rootfs := t.TempDir()
+	for i := 0; i < 1200; i++ {
+		d := filepath.Join(rootfs, fmt.Sprintf("d%02d", i%50))
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("f%04d", i)), []byte(strings.Repeat("x", 4096)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(testutil.HotBinary(t), "--root", root, "image", "import", "--rootfs", rootfs, "--tag", "big:1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if entries, _ := os.ReadDir(filepath.Join(root, "tmp")); len(entries) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatal("import never started staging")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	cmd.Process.Kill()
+	cmd.Wait()
+	if entries, _ := os.ReadDir(filepath.Join(root, "tmp")); len(entries) == 0 {
+		t.Skip("the import finished before it could be killed; nothing to clean")
+	}
+
+	small := t.TempDir()
+	if err := os.WriteFile(filepath.Join(small, "f"), []byte("f"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hot(t, root, 0, "image", "import", "--rootfs", small, "--tag", "small:1")
+	if entries, _ := os.ReadDir(filepath.Join(root, "tmp")); len(entries) != 0 {
+		t.Errorf("staging of the killed import still there: %v", entries)
+	}
+	var list []cowfs.Summary
+	if err := json.Unmarshal([]byte(hot(t, root, 0, "image", "ls", "--json").Stdout), &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].Names[0] != "small:1" {
+		t.Errorf("images after a killed import: %+v", list)
+	}
+	if layers, _ := os.ReadDir(filepath.Join(root, "layers")); len(layers) != 1 {
+		t.Errorf("%d layer dirs, want 1 (the killed import's layer must not appear)", len(layers))
 	}
 }

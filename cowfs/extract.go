@@ -11,6 +11,7 @@ import (
 	"path"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
@@ -175,7 +176,7 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		defer x.closeDir(pfd)
 		switch {
 		case base == whiteoutOpaque:
-			if err := unix.Lsetxattr(filepath.Join(x.dir, dir), xattrOpaque, []byte("y"), 0); err != nil {
+			if err := setXattrAt(pfd, ".", xattrOpaque, "y"); err != nil {
 				return fmt.Errorf("layer entry %q: mark %s opaque: %w", hdr.Name, dir, err)
 			}
 			return nil
@@ -282,7 +283,7 @@ func (x *extractor) setMeta(hdr *tar.Header, pfd int, base, rel string) error {
 		if strings.HasPrefix(name, "trusted.overlay.") {
 			continue
 		}
-		if err := unix.Lsetxattr(filepath.Join(x.dir, rel), name, []byte(v), 0); err != nil {
+		if err := setXattrAt(pfd, base, name, v); err != nil {
 			return fmt.Errorf("layer entry %q: set xattr %s: %w", hdr.Name, name, err)
 		}
 	}
@@ -321,10 +322,26 @@ func (x *extractor) removeExisting(pfd int, rel, base string, keepDir bool) erro
 		if keepDir {
 			return nil
 		}
-		// The parent was opened without following symlinks, so this path stays in the layer.
-		return os.RemoveAll(filepath.Join(x.dir, rel))
+		// os.Root never follows a symlink out of the layer.
+		root, err := os.OpenRoot(x.dir)
+		if err != nil {
+			return err
+		}
+		defer root.Close()
+		return root.RemoveAll(rel)
 	}
 	return unix.Unlinkat(pfd, base, 0)
+}
+
+// setXattrAt sets an extended attribute on base in directory pfd, on base itself when it is
+// a symlink: the O_PATH fd is reached through its /proc magic link, never by path.
+func setXattrAt(pfd int, base, name, value string) error {
+	fd, err := unix.Openat(pfd, base, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Setxattr("/proc/self/fd/"+strconv.Itoa(fd), name, []byte(value), 0)
 }
 
 func (x *extractor) closeDir(fd int) {

@@ -1,6 +1,8 @@
 package cowfs
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -380,5 +382,46 @@ func TestDockerArchiveVerification(t *testing.T) {
 			}
 			assertStoreEmpty(t, s)
 		})
+	}
+}
+
+// Later entries of a layer replace earlier ones; xattrs land on symlinks themselves.
+func TestExtractReplaceAndSymlinkXattr(t *testing.T) {
+	testutil.RequireRoot(t)
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, h := range []*tar.Header{
+		{Name: "d/", Typeflag: tar.TypeDir, Mode: 0o755},
+		{Name: "d/f", Typeflag: tar.TypeReg, Mode: 0o644},
+		{Name: "d", Typeflag: tar.TypeReg, Mode: 0o600},
+		{Name: "l", Typeflag: tar.TypeSymlink, Linkname: "/etc/passwd", PAXRecords: map[string]string{"SCHILY.xattr.trusted.t": "sym"}},
+		{Name: "x", Typeflag: tar.TypeReg, Mode: 0o644, PAXRecords: map[string]string{"SCHILY.xattr.trusted.overlay.opaque": "y", "SCHILY.xattr.user.u": "kept"}},
+	} {
+		h.Format = tar.FormatPAX
+		must(t, tw.WriteHeader(h))
+	}
+	must(t, tw.Close())
+	dir := filepath.Join(t.TempDir(), "layer")
+	must(t, os.Mkdir(dir, 0o755))
+	if _, _, err := extractLayer(context.Background(), &buf, dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	must(t, unix.Lstat(filepath.Join(dir, "d"), &st))
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o777 != 0o600 {
+		t.Errorf("d: mode %o, want a regular file 0600 replacing the directory", st.Mode)
+	}
+	val := make([]byte, 8)
+	if n, err := unix.Lgetxattr(filepath.Join(dir, "l"), "trusted.t", val); err != nil || string(val[:n]) != "sym" {
+		t.Errorf("xattr on symlink: %q %v", val[:n], err)
+	}
+	if _, err := unix.Lgetxattr("/etc/passwd", "trusted.t", val); err == nil {
+		t.Error("xattr went through the symlink to /etc/passwd")
+	}
+	if _, err := unix.Lgetxattr(filepath.Join(dir, "x"), xattrOpaque, val); err == nil {
+		t.Error("trusted.overlay.* xattr from the tar applied")
+	}
+	if n, err := unix.Lgetxattr(filepath.Join(dir, "x"), "user.u", val); err != nil || string(val[:n]) != "kept" {
+		t.Errorf("user xattr: %q %v", val[:n], err)
 	}
 }

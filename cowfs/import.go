@@ -47,6 +47,11 @@ type stagedImage struct {
 }
 
 func (s *Store) newStaging(ctx context.Context) (*staging, error) {
+	// When no import or removal runs, whatever is under tmp/ was left by a crashed import.
+	if unlockEx, err := s.tryLockFile("gc.lock", unix.LOCK_EX); err == nil && unlockEx != nil {
+		s.removeStaleStaging()
+		unlockEx()
+	}
 	unlock, err := s.lockFile(ctx, "gc.lock", unix.LOCK_SH)
 	if err != nil {
 		return nil, err
@@ -57,6 +62,14 @@ func (s *Store) newStaging(ctx context.Context) (*staging, error) {
 		return nil, fmt.Errorf("create import staging dir: %w", err)
 	}
 	return &staging{s: s, dir: dir, blobs: map[digest.Digest]string{}, layers: map[digest.Digest]string{}, implicit: map[digest.Digest][]string{}, unlockGC: unlock}, nil
+}
+
+// removeStaleStaging empties tmp/. The caller holds gc.lock exclusively.
+func (s *Store) removeStaleStaging() {
+	entries, _ := os.ReadDir(s.tmpDir())
+	for _, e := range entries {
+		os.RemoveAll(filepath.Join(s.tmpDir(), e.Name()))
+	}
 }
 
 func (st *staging) cleanup() {

@@ -115,10 +115,7 @@ func (s *Store) collect(ix *index, out *Removed) error {
 	if _, err = sweep(s.layerMetaDir(), keepMeta); err != nil {
 		return err
 	}
-	stale, _ := os.ReadDir(s.tmpDir())
-	for _, e := range stale {
-		os.RemoveAll(filepath.Join(s.tmpDir(), e.Name()))
-	}
+	s.removeStaleStaging()
 	return nil
 }
 

@@ -118,29 +118,37 @@ func (s *Store) LayerDir(diffID digest.Digest) string {
 	return filepath.Join(s.layersDir(), diffID.Encoded())
 }
 
-// lockFile takes an flock on root/name; the returned func releases it.
+// lockFile takes an flock on root/name, waiting until ctx ends; the returned func releases it.
 func (s *Store) lockFile(ctx context.Context, name string, how int) (func(), error) {
+	for {
+		unlock, err := s.tryLockFile(name, how)
+		if err != nil || unlock != nil {
+			return unlock, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("lock %s: %w", filepath.Join(s.root, name), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// tryLockFile takes an flock on root/name if it is free; it returns a nil func when it is not.
+func (s *Store) tryLockFile(name string, how int) (func(), error) {
 	p := filepath.Join(s.root, name)
 	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", p, err)
 	}
-	for {
-		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", p, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", p, ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
+	err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+	if err == nil {
+		return func() { f.Close() }, nil
 	}
+	f.Close()
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return nil, nil
+	}
+	return nil, fmt.Errorf("lock %s: %w", p, err)
 }
 
 // update runs fn on the index under the exclusive index lock and writes the result atomically

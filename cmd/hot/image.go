@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -206,6 +207,7 @@ func newImageInspectCmd(opts *globalOptions) *cobra.Command {
 			for p := range c.Config.ExposedPorts {
 				out.ExposedPorts = append(out.ExposedPorts, p)
 			}
+			sort.Strings(out.ExposedPorts)
 			for i, d := range c.RootFS.DiffIDs {
 				out.Layers = append(out.Layers, imageInspectLayer{DiffID: d.String(), Dir: img.LayerDirs[i]})
 			}
