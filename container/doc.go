@@ -24,6 +24,10 @@
 //     shows (a dead monitor is never "running": it is "unknown" with Reason), the Exit status
 //     and the cgroup paths. State holds pid, monitor pid, rootfs, cgroup name, network
 //     attachment and the list of root file system Generations with Current.
+//   - For multi-step operations of other packages (checkpoint, update): WithLock (lock, load,
+//     fn, save), CallMonitor (any op, including ones added through MonitorOptions.Ops),
+//     StartMonitor (a fresh monitor without an init, for a container whose monitor is gone).
+//     Container.Dir, RunDir, MonitorSock, ConfigPath and LogPath name the container's files.
 //   - RunMonitor / Monitor: the monitor side. MonitorOptions.Ops registers more operations on
 //     the monitor socket (e.g. "restore": run `criu restore` as the monitor's child with
 //     Monitor.StartProcess, then Monitor.AdoptInit(pid) so the restored tree's exit is

@@ -240,6 +240,17 @@ func TestContainerLifecycle(t *testing.T) {
 	if out := e.mustHot("exec", "-e", "X=1", "web", "httpcount", "env"); !strings.Contains(out, "GREETING=hi") || !strings.Contains(out, "X=1") {
 		t.Errorf("exec env:\n%s", out)
 	}
+	if out := e.mustHot("exec", "web", "httpcount", "cat", "/proc/self/cgroup"); !strings.Contains(out, "hot/"+id) {
+		t.Errorf("exec'd process is not in the container's cgroup:\n%s", out)
+	}
+	if out := e.mustHot("exec", "web", "httpcount", "cat", "/proc/1/cmdline"); !strings.HasPrefix(out, "/bin/httpcount") {
+		t.Errorf("PID 1 seen by exec is %q, want the container's entrypoint", out)
+	}
+	if p := c.CgroupPaths["memory"]; p != "" {
+		if b, err := os.ReadFile(filepath.Join(p, "memory.limit_in_bytes")); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(256<<20) {
+			t.Errorf("memory limit %q, %v; want 256M", b, err)
+		}
+	}
 	if r := e.hot("exec", "web", "httpcount", "exit", "7"); r.ExitCode != 7 {
 		t.Errorf("exec exit 7: exit code %d (%s)", r.ExitCode, r.Stderr)
 	}

@@ -43,6 +43,9 @@ type Container struct {
 	CgroupPaths map[string]string `json:"cgroupPaths,omitempty"`
 	LogPath     string            `json:"logPath"`
 	ConfigPath  string            `json:"configPath"`
+	Dir         string            `json:"dir"`           // <root>/containers/<id>
+	RunDir      string            `json:"runDir"`        // <run-root>/<id>
+	MonitorSock string            `json:"monitorSocket"` // <run-root>/<id>/monitor.sock
 }
 
 // NewManager returns a Manager for root (e.g. /var/lib/hot) and runRoot (e.g. /run/hot).
@@ -210,12 +213,12 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 	if err := writeJSONAtomic(m.p.config(id), spec); err != nil {
 		return err
 	}
-	return m.startMonitor(ctx, st)
+	return m.startMonitor(ctx, st, false)
 }
 
 // startMonitor starts `hot __monitor ID` detached (own session, output to monitor.log) and
 // waits until it reports the container's entrypoint running, or the error that prevented it.
-func (m *Manager) startMonitor(ctx context.Context, st *State) error {
+func (m *Manager) startMonitor(ctx context.Context, st *State, noStart bool) error {
 	self, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("locate the hot binary: %w", err)
@@ -230,7 +233,11 @@ func (m *Manager) startMonitor(ctx context.Context, st *State) error {
 		return fmt.Errorf("pipe: %w", err)
 	}
 	defer r.Close()
-	cmd := exec.Command(self, "__monitor", "--root", m.p.root, "--run-root", m.p.runRoot, st.ID)
+	args := []string{"__monitor", "--root", m.p.root, "--run-root", m.p.runRoot, "--log-level", "info", st.ID}
+	if noStart {
+		args = append(args, "--no-start")
+	}
+	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = monlog, monlog
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -272,6 +279,9 @@ func (m *Manager) startMonitor(ctx context.Context, st *State) error {
 	}
 	if msg.Error != "" {
 		return fmt.Errorf("start container %s: %s", st.ID[:12], msg.Error)
+	}
+	if noStart {
+		return m.p.saveState(st)
 	}
 	st.Pid = msg.Pid
 	st.PidStart, _ = procStartTime(msg.Pid)
@@ -392,7 +402,8 @@ func (m *Manager) List(ctx context.Context, all bool) ([]*Container, error) {
 // view reconciles the persisted state with the host. locked says whether the caller holds the
 // container's lock (then a "creating" state can only be a leftover of an interrupted run).
 func (m *Manager) view(st *State, locked bool) *Container {
-	c := &Container{State: *st, Status: st.Status, LogPath: m.p.log(st.ID), ConfigPath: m.p.config(st.ID)}
+	c := &Container{State: *st, Status: st.Status, LogPath: m.p.log(st.ID), ConfigPath: m.p.config(st.ID),
+		Dir: m.p.dir(st.ID), RunDir: m.p.runDir(st.ID), MonitorSock: m.p.socket(st.ID)}
 	if cg, err := cgroups.Load(st.Cgroup); err == nil {
 		c.CgroupPaths = cg.Paths()
 	}
@@ -486,4 +497,40 @@ func failpoint(name string) {
 	if os.Getenv("HOT_FAILPOINT") == name {
 		unix.Kill(os.Getpid(), unix.SIGKILL)
 	}
+}
+
+// WithLock runs fn with the container's lock held and its state freshly loaded, and saves the
+// state if fn returns nil. It is for multi-step operations of other packages (checkpoint,
+// update) that must not interleave with other commands on the container. fn must not call
+// Manager methods that take the same lock (Stop, Pause, Remove, ...): flock would block.
+func (m *Manager) WithLock(ctx context.Context, ref string, fn func(st *State) error) error {
+	st, lk, err := m.lock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lk.Unlock()
+	if err := fn(st); err != nil {
+		return err
+	}
+	return m.p.saveState(st)
+}
+
+// StartMonitor starts a new monitor for a container whose monitor is gone, without an init
+// (`hot __monitor --no-start`): an op on its socket (e.g. a CRIU restore) then adopts one.
+// The caller holds the lock (WithLock) and st is saved with the new monitor pid.
+func (m *Manager) StartMonitor(ctx context.Context, st *State) error {
+	if st.MonitorPid != 0 && procAlive(st.MonitorPid, st.MonitorStart) {
+		return fmt.Errorf("container %s already has a monitor (pid %d)", st.Name, st.MonitorPid)
+	}
+	return m.startMonitor(ctx, st, true)
+}
+
+// CallMonitor sends one request to the container's monitor and returns its answer; an answer
+// with Error set is returned as an error too.
+func (m *Manager) CallMonitor(ctx context.Context, ref string, req Request) (*Response, error) {
+	st, err := m.find(ref)
+	if err != nil {
+		return nil, err
+	}
+	return callMonitor(ctx, m.p.socket(st.ID), req)
 }

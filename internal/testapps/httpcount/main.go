@@ -11,6 +11,7 @@
 //	httpcount exit CODE               exit with CODE
 //	httpcount env                     print the environment
 //	httpcount hostname                print the host name
+//	httpcount cat FILE                print a file (e.g. /proc/self/cgroup)
 package main
 
 import (
@@ -115,6 +116,18 @@ func sub(args []string) int {
 		for _, e := range os.Environ() {
 			fmt.Println(e)
 		}
+		return 0
+	case "cat":
+		if len(args) != 2 {
+			fmt.Fprintln(os.Stderr, "usage: httpcount cat FILE")
+			return 2
+		}
+		b, err := os.ReadFile(args[1])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "httpcount:", err)
+			return 1
+		}
+		os.Stdout.Write(b)
 		return 0
 	case "hostname":
 		h, err := os.Hostname()
