@@ -154,18 +154,27 @@ func (s *System) Load(ctx context.Context, path string, o LoadOptions) (*LoadRes
 			res.Warnings = append(res.Warnings, fmt.Sprintf("%s is not an atomic-replace patch: the other patches stay active", m.SysfsName))
 		}
 		for _, old := range before {
-			if res.Patch.Replace != nil && !*res.Patch.Replace {
-				break
+			// When the new patch's transition completes, the kernel has already cleared
+			// `enabled` of every patch it replaced and frees them asynchronously.
+			p, err := s.readPatch(old.Name)
+			if err == nil && p.Enabled {
+				continue // not replaced: stays active
 			}
-			// A replaced patch is disabled by the kernel and its directory removed soon after.
-			if err := s.waitGone(ctx, old.Name, 2*time.Second); err != nil {
-				continue // not replaced
+			if err != nil && !errors.Is(err, ErrNotFound) {
+				return res, err
+			}
+			if err := s.waitGone(ctx, old.Name, 10*time.Second); err != nil {
+				res.Warnings = append(res.Warnings, fmt.Sprintf("replaced patch %s: %v", old.Name, err))
+				continue
 			}
 			if err := s.unloadModule(old.Name); err != nil {
 				res.Warnings = append(res.Warnings, fmt.Sprintf("replaced patch %s: %v", old.Name, err))
 				continue
 			}
 			res.Unloaded = append(res.Unloaded, old.Name)
+		}
+		if len(before) > 0 && len(res.Unloaded) == 0 {
+			res.Warnings = append(res.Warnings, fmt.Sprintf("--replace: %s replaced no patch; was it built with klp_patch.replace = true?", m.SysfsName))
 		}
 	}
 	return res, nil

@@ -204,6 +204,36 @@ func TestLoadFollowsTransition(t *testing.T) {
 	}
 }
 
+func TestLoadReplaceUnloadsReplacedPatches(t *testing.T) {
+	k := newFakeKernel(t)
+	k.addPatch("lp_old", true, false, nil)
+	k.addPatch("lp_other", true, false, nil)
+	ko := writeFile(t, "lp-cmdline.ko", goodModule(t))
+	k.sys.LoadModule = func(*os.File, string) error {
+		k.addPatch("lp_cmdline", true, true, nil)
+		go func() {
+			time.Sleep(30 * time.Millisecond)
+			// What the kernel does when an atomic-replace transition completes: the replaced
+			// patch is disabled at once and its directory removed a little later. (lp_other
+			// plays a patch that stays, as if the new one were not a replace patch for it.)
+			k.write("sys/kernel/livepatch/lp_old/enabled", "0\n")
+			k.write("sys/kernel/livepatch/lp_cmdline/transition", "0\n")
+			time.Sleep(30 * time.Millisecond)
+			os.RemoveAll(filepath.Join(k.sys.LivepatchDir, "lp_old"))
+		}()
+		return nil
+	}
+	var deleted []string
+	k.sys.DeleteModule = func(name string) error { deleted = append(deleted, name); return nil }
+	res, err := k.sys.Load(context.Background(), ko, LoadOptions{Replace: true, Wait: WaitOptions{Timeout: 5 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Unloaded) != 1 || res.Unloaded[0] != "lp_old" || len(deleted) != 1 || deleted[0] != "lp_old" {
+		t.Errorf("unloaded %v (delete_module %v), want lp_old only", res.Unloaded, deleted)
+	}
+}
+
 func TestLoadRefusesBeforeLoading(t *testing.T) {
 	k := newFakeKernel(t)
 	k.sys.Release = "6.18.0-1-amd64"

@@ -67,7 +67,10 @@ step "stalled transition: a task sleeps in the function being patched"
 insmod /lp/stall-target.ko || fail "insmod stall-target"
 cat /proc/hot_stall >/tmp/stall-reader.out &
 reader=$!
-sleep 1
+i=0
+until grep -q hot_stall_wait /proc/$reader/stack 2>/dev/null; do
+	i=$((i + 1)); [ $i -lt 100 ] || fail "reader never got into hot_stall_wait"; sleep 0.2
+done
 if hot livepatch load /lp/lp-stall.ko --wait --timeout 2s >/tmp/stall.out 2>&1; then cat /tmp/stall.out; fail "stalled load reported success"; fi
 cat /tmp/stall.out
 grep -q "cat pid $reader" /tmp/stall.out || fail "blocked reader (pid $reader) not reported"
