@@ -39,6 +39,12 @@ func builtinCheckers() []Checker {
 	}
 }
 
+func allCheckers() []Checker {
+	cs := builtinCheckers()
+	cs = append(cs, bpfCheckers()...)
+	return append(cs, Checker{Name: "livepatch", Run: checkLivepatch})
+}
+
 func checkKernel(ctx context.Context, _ *Options) Result {
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {

@@ -42,7 +42,7 @@ type Options struct {
 	CRIUPath string
 	// ScratchDir is where scratch mounts go; empty means os.TempDir().
 	ScratchDir string
-	// Extra checks appended after the built-in ones (e.g. BPF mechanisms, livepatch).
+	// Extra checks appended after the built-in ones.
 	Extra []Checker
 }
 
@@ -55,7 +55,7 @@ type Checker struct {
 
 // Run performs every check in order and returns the report.
 func Run(ctx context.Context, o Options) Report {
-	return run(ctx, append(builtinCheckers(), o.Extra...), o)
+	return run(ctx, append(allCheckers(), o.Extra...), o)
 }
 
 func run(ctx context.Context, checks []Checker, o Options) Report {

@@ -47,7 +47,7 @@ func TestDoctorCLI(t *testing.T) {
 			t.Errorf("%s is %s without a fix: %s", r.Name, r.Status, r.Detail)
 		}
 	}
-	for _, want := range []string{"kernel", "criu", "freezer", "overlayfs", "namespaces", "userfaultfd", "soft-dirty", "pipe-max-size"} {
+	for _, want := range []string{"kernel", "criu", "freezer", "overlayfs", "namespaces", "userfaultfd", "soft-dirty", "pipe-max-size", "bpf-trampoline", "cgroup-bpf", "livepatch"} {
 		if _, ok := names[want]; !ok {
 			t.Errorf("report lacks %q", want)
 		}

@@ -20,7 +20,7 @@ ok, limited or missing, with the reason and the fix.
 Exit status: 0 when 'hot update' can work on this host, 1 when a capability it needs is missing.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rep := doctor.Run(cmd.Context(), doctor.Options{CRIUPath: opts.criu, Extra: doctorExtraChecks()})
+			rep := doctor.Run(cmd.Context(), doctor.Options{CRIUPath: opts.criu})
 			out := cmd.OutOrStdout()
 			if asJSON {
 				if err := writeJSON(out, rep); err != nil {
