@@ -122,10 +122,8 @@ func extractLayer(ctx context.Context, r io.Reader, dir string, lowers []string)
 		return "", nil, fmt.Errorf("read tar: %w", err)
 	}
 	for i := len(x.dirTimes) - 1; i >= 0; i-- {
-		dt := x.dirTimes[i]
-		err := unix.UtimesNanoAt(x.rootFd, dt.rel, dt.ts[:], unix.AT_SYMLINK_NOFOLLOW)
-		if err != nil && !errors.Is(err, unix.ENOENT) {
-			return "", nil, fmt.Errorf("set times of %s: %w", dt.rel, err)
+		if err := x.setDirTime(x.dirTimes[i]); err != nil {
+			return "", nil, err
 		}
 	}
 	implicit := make([]string, 0, len(x.implicit))
@@ -134,6 +132,30 @@ func extractLayer(ctx context.Context, r io.Reader, dir string, lowers []string)
 	}
 	sort.Strings(implicit) // parents before children
 	return dgst.Digest(), implicit, nil
+}
+
+// setDirTime sets a directory's times once nothing more is written into it. A later entry may
+// have replaced the directory or one of its parents (even by a symlink), so the parent is
+// resolved again without following symlinks, and a directory that is gone is skipped.
+func (x *extractor) setDirTime(dt dirTime) error {
+	parent, base := path.Split(dt.rel)
+	pfd := x.rootFd
+	if parent = path.Clean("./" + parent); parent != "." {
+		fd, err := resolveBeneath(x.rootFd, parent, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return nil // replaced or removed by a later entry
+		}
+		defer unix.Close(fd)
+		pfd = fd
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(pfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil
+	}
+	if err := unix.UtimesNanoAt(pfd, base, dt.ts[:], unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set times of %s: %w", dt.rel, err)
+	}
+	return nil
 }
 
 // cleanEntryName checks a tar name and returns it relative to the layer root ("." for the root).

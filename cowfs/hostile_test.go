@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/hotctl/hot/internal/testutil"
 	"github.com/opencontainers/go-digest"
@@ -382,6 +383,36 @@ func TestDockerArchiveVerification(t *testing.T) {
 			}
 			assertStoreEmpty(t, s)
 		})
+	}
+}
+
+// A directory replaced by a symlink after its subdirectories were written: setting the
+// subdirectories' times at the end must not follow the symlink out of the layer.
+func TestExtractDirTimesDoNotFollowLaterSymlink(t *testing.T) {
+	testutil.RequireRoot(t)
+	outside := t.TempDir()
+	must(t, os.Mkdir(filepath.Join(outside, "etc"), 0o755))
+	var before unix.Stat_t
+	must(t, unix.Stat(filepath.Join(outside, "etc"), &before))
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, h := range []*tar.Header{
+		{Name: "d/", Typeflag: tar.TypeDir, Mode: 0o755},
+		{Name: "d/etc/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: time.Unix(1, 0)},
+		{Name: "d", Typeflag: tar.TypeSymlink, Linkname: outside},
+	} {
+		must(t, tw.WriteHeader(h))
+	}
+	must(t, tw.Close())
+	dir := filepath.Join(t.TempDir(), "layer")
+	must(t, os.Mkdir(dir, 0o755))
+	if _, _, err := extractLayer(context.Background(), &buf, dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	var after unix.Stat_t
+	must(t, unix.Stat(filepath.Join(outside, "etc"), &after))
+	if after.Mtim != before.Mtim {
+		t.Errorf("mtime of a directory outside the layer changed: %v → %v", before.Mtim, after.Mtim)
 	}
 }
 
