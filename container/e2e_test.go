@@ -529,16 +529,40 @@ func TestCrashesAreReportedAndCleaned(t *testing.T) {
 			t.Errorf("failed run left containers %v", ids)
 		}
 	})
+	t.Run("rm-before-unmount", func(t *testing.T) {
+		e.run("--name", "half", appImage)
+		c := e.inspect("half")
+		t.Setenv("HOT_FAILPOINT", "rm-before-unmount")
+		r := e.hot("rm", "-f", "half")
+		os.Unsetenv("HOT_FAILPOINT")
+		if r.ExitCode == 0 {
+			t.Fatal("hot rm survived its failpoint")
+		}
+		// Processes are gone, mounts and network remain: never "running".
+		if c := e.inspect("half"); c.Status == container.StatusRunning {
+			t.Errorf("half-removed container shows as running")
+		}
+		e.mustHot("rm", "-f", "half")
+		noTraces(t, []container.Container{c})
+	})
 	t.Run("monitor-killed", func(t *testing.T) {
 		e.run("--name", "mon", appImage)
 		c := e.inspect("mon")
 		if err := syscall.Kill(c.MonitorPid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(100 * time.Millisecond)
-		c = e.inspect("mon")
-		if c.Status != container.StatusUnknown || !strings.Contains(c.Reason, "monitor") {
+		pid := c.Pid
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			c = e.inspect("mon")
+			if c.Status == container.StatusUnknown || time.Now().After(deadline) {
+				break
+			}
+		}
+		if c.Status != container.StatusUnknown || !strings.Contains(c.Reason, "monitor") || !strings.Contains(c.Reason, "still runs") {
 			t.Errorf("after killing the monitor: %s (%s)", c.Status, c.Reason)
+		}
+		if c.Pid != pid {
+			t.Errorf("pid changed from %d to %d", pid, c.Pid)
 		}
 		if ps := e.mustHot("ps"); !strings.Contains(ps, "unknown") {
 			t.Errorf("ps:\n%s", ps)

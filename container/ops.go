@@ -216,6 +216,7 @@ func (m *Manager) cleanup(ctx context.Context, st *State) error {
 		killPid(st.Pid, unix.SIGKILL)
 		waitGone(st.Pid, st.PidStart, 5*time.Second)
 	}
+	failpoint("rm-before-unmount")
 	if err := unmountAll(st.Rootfs); err != nil {
 		errs = append(errs, err)
 	}
