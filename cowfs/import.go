@@ -34,6 +34,21 @@ type staging struct {
 	images    []stagedImage
 	unlockGC  func()
 	newLayers int
+	progress  func(ImportEvent)
+}
+
+// ImportEvent is one long step of an import, for progress displays.
+type ImportEvent struct {
+	Step   string        `json:"step"` // "archive" (a root filesystem), "verify" (copy and hash a blob), "unpack" (extract a layer)
+	What   string        `json:"what"` // "manifest", "config", "layer", ...
+	Digest digest.Digest `json:"digest,omitempty"`
+	Size   int64         `json:"size"` // bytes; -1 when unknown
+}
+
+func (st *staging) report(e ImportEvent) {
+	if st.progress != nil {
+		st.progress(e)
+	}
 }
 
 type stagedImage struct {
@@ -203,6 +218,7 @@ type layerMeta struct {
 }
 
 func (st *staging) extract(ctx context.Context, blob, diffID digest.Digest, lowers []string) error {
+	st.report(ImportEvent{Step: "unpack", What: "layer", Digest: diffID, Size: -1})
 	dir := filepath.Join(st.dir, "layer-"+diffID.Encoded())
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return fmt.Errorf("unpack layer %s: %w", diffID, err)

@@ -26,7 +26,8 @@ const (
 
 // ImportOptions tune Import.
 type ImportOptions struct {
-	Tag string // name:tag for the image; only when the source holds exactly one image
+	Tag      string            // name:tag for the image; only when the source holds exactly one image
+	Progress func(ImportEvent) // called at the start of each long step; may be nil
 }
 
 // Import imports every image of an OCI image layout directory, an OCI archive tar or a
@@ -52,6 +53,7 @@ func (s *Store) Import(ctx context.Context, p string, opts ImportOptions) ([]Imp
 		return nil, err
 	}
 	defer st.cleanup()
+	st.progress = opts.Progress
 
 	var n int
 	if format == "oci" {
@@ -83,6 +85,7 @@ func (st *staging) copyBlob(src source, name string, d digest.Digest, size int64
 		return "", 0, &BlobError{d, what, fmt.Sprintf("open %s: %v", name, err)}
 	}
 	defer r.Close()
+	st.report(ImportEvent{Step: "verify", What: what, Digest: d, Size: size})
 	return st.addBlob(r, d, size, what)
 }
 

@@ -27,6 +27,7 @@ type RootfsOptions struct {
 	Env        []string // KEY=VALUE; PATH gets the usual default unless given
 	WorkingDir string
 	Created    time.Time // zero means now
+	Progress   func(ImportEvent)
 }
 
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -60,6 +61,8 @@ func (s *Store) ImportRootfs(ctx context.Context, src string, opts RootfsOptions
 		return nil, err
 	}
 	defer st.cleanup()
+	st.progress = opts.Progress
+	st.report(ImportEvent{Step: "archive", What: "root filesystem", Size: -1})
 
 	// The layer is stored uncompressed: its digest is its diffID.
 	pr, pw := io.Pipe()

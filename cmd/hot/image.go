@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -60,13 +61,14 @@ and leaves nothing behind.
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			entrypointSet, cmdSet = cmd.Flags().Changed("entrypoint"), cmd.Flags().Changed("cmd")
+			defer endProgress(cmd.ErrOrStderr()) // clear the progress line before any message
 			store, err := cowfs.Open(opts.root)
 			if err != nil {
 				return err
 			}
 			var imported []cowfs.Imported
 			if rootfs != "" {
-				ro := cowfs.RootfsOptions{Tag: tag, Env: env, WorkingDir: workdir}
+				ro := cowfs.RootfsOptions{Tag: tag, Env: env, WorkingDir: workdir, Progress: importProgress(cmd.ErrOrStderr())}
 				if entrypointSet {
 					ro.Entrypoint = entrypoint
 				}
@@ -82,11 +84,12 @@ and leaves nothing behind.
 				if entrypointSet || cmdSet || len(env) > 0 || workdir != "" {
 					return usageError{fmt.Errorf("--cmd, --entrypoint, --env and --workdir only apply with --rootfs")}
 				}
-				imported, err = store.Import(cmd.Context(), args[0], cowfs.ImportOptions{Tag: tag})
+				imported, err = store.Import(cmd.Context(), args[0], cowfs.ImportOptions{Tag: tag, Progress: importProgress(cmd.ErrOrStderr())})
 				if err != nil {
 					return err
 				}
 			}
+			endProgress(cmd.ErrOrStderr())
 			if asJSON {
 				return writeJSON(cmd.OutOrStdout(), imported)
 			}
@@ -298,6 +301,23 @@ func newImageExportCmd(opts *globalOptions) *cobra.Command {
 			}
 			return store.ExportFile(cmd.Context(), args[0], args[1])
 		},
+	}
+}
+
+// importProgress shows the current import step on a self-rewriting line when w is a terminal.
+func importProgress(w io.Writer) func(cowfs.ImportEvent) {
+	if !isTerminal(w) {
+		return nil
+	}
+	return func(e cowfs.ImportEvent) {
+		line := e.Step + " " + e.What
+		if e.Digest != "" {
+			line += " " + e.Digest.String()[:len("sha256:")+12]
+		}
+		if e.Size >= 0 {
+			line += " (" + humanSize(e.Size) + ")"
+		}
+		fmt.Fprintf(w, "\r\033[K%s", line)
 	}
 }
 
