@@ -44,6 +44,35 @@ func InitMain(configPath string) error {
 	return err
 }
 
+// ExecCommand is the hidden command `hot exec` runs inside the container (see ExecMain).
+const ExecCommand = "__exec"
+
+// ExecMain is `hot __exec SPECFD`, run by nsenter inside a running container's namespaces and
+// root: it reads the process to run (with the container's capabilities, no_new_privs and
+// seccomp profile) from the descriptor, closes every inherited descriptor above stderr, drops
+// privileges in the init's order and execs the command. It only returns on failure.
+func ExecMain(specFd int) error {
+	runtime.LockOSThread() // never unlocked: this thread execs the command
+	f := os.NewFile(uintptr(specFd), "exec-spec")
+	data, err := io.ReadAll(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("container exec: read spec: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(data, &spec); err != nil || spec.Process == nil || len(spec.Process.Args) == 0 {
+		return fmt.Errorf("container exec: bad spec from hot exec (%v)", err)
+	}
+	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
+		return fmt.Errorf("container exec: close inherited descriptors: %w", err)
+	}
+	restrict, err := isolation.NewRestrictor(spec.Process, spec.Linux)
+	if err != nil {
+		return err
+	}
+	return execProcess(spec.Process, restrict)
+}
+
 func initContainer(configPath string) error {
 	unix.CloseOnExec(initReportFd)
 	// Wait for the monitor to place us into the cgroup.

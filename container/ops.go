@@ -2,6 +2,7 @@ package container
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -277,7 +278,10 @@ type ExecOptions struct {
 // Exec replaces the calling process with opts.Args running inside the container: it moves the
 // caller into the container's cgroup, then execs nsenter(1), which joins the container's
 // mount, uts, ipc, net and pid namespaces and its root, forks (so the command is in the pid
-// namespace) and execs the command. The command's exit status becomes the caller's.
+// namespace) and execs `hot __exec` (this binary, through an inherited descriptor, since it is
+// not inside the container's root). That drops privileges exactly as the container init did
+// (capabilities, no_new_privs, seccomp from config.json; see ExecMain) and execs the command.
+// The command's exit status becomes the caller's.
 //
 // Why nsenter: a Go process is multithreaded from its start, and the kernel refuses
 // setns(CLONE_NEWNS) to multithreaded processes; runc solves this with C code that runs
@@ -327,14 +331,46 @@ func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) error {
 	if err := cg.AddProc(os.Getpid()); err != nil {
 		return fmt.Errorf("exec in %s: join cgroup: %w", st.Name, err)
 	}
-	argv := []string{"nsenter", "--target", strconv.Itoa(st.Pid), "--mount", "--uts", "--ipc", "--net", "--pid",
-		"--root", "--wdns=" + cwd, "--setuid", strconv.Itoa(int(uid)), "--setgid", strconv.Itoa(int(gid)), "--"}
-	argv = append(argv, o.Args...)
 	env := mergeEnv(spec.Process.Env, o.Env)
+	p := *spec.Process
+	p.Args, p.Env, p.Cwd = o.Args, env, cwd
+	p.User = specs.User{UID: uid, GID: gid}
+	if uid != spec.Process.User.UID || gid != spec.Process.User.GID {
+		p.User.AdditionalGids = nil
+	}
+	selfFd, specFd, err := execHelperFds(&specs.Spec{Process: &p, Linux: &specs.Linux{Seccomp: spec.Linux.Seccomp}})
+	if err != nil {
+		return fmt.Errorf("exec in %s: %w", st.Name, err)
+	}
+	argv := []string{"nsenter", "--target", strconv.Itoa(st.Pid), "--mount", "--uts", "--ipc", "--net", "--pid",
+		"--root", "--wdns=" + cwd, "--", "/proc/self/fd/" + strconv.Itoa(selfFd), ExecCommand, strconv.Itoa(specFd)}
 	if err := unix.Exec(nsenter, argv, env); err != nil {
 		return fmt.Errorf("exec nsenter: %w", err)
 	}
 	return nil
+}
+
+// execHelperFds opens this binary and a memfd holding spec, both inherited across exec (no
+// CLOEXEC), for `hot __exec` inside the container.
+func execHelperFds(spec *specs.Spec) (selfFd, specFd int, err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, 0, fmt.Errorf("locate the hot binary: %w", err)
+	}
+	if selfFd, err = unix.Open(self, unix.O_PATH, 0); err != nil {
+		return 0, 0, fmt.Errorf("open %s: %w", self, err)
+	}
+	data, err := json.Marshal(spec)
+	if err != nil {
+		return 0, 0, err
+	}
+	if specFd, err = unix.MemfdCreate("hot-exec-spec", 0); err != nil {
+		return 0, 0, fmt.Errorf("memfd for the exec spec: %w", err)
+	}
+	if _, err := unix.Pwrite(specFd, data, 0); err != nil {
+		return 0, 0, fmt.Errorf("write the exec spec: %w", err)
+	}
+	return selfFd, specFd, nil
 }
 
 // Logs copies the container's output to w; with follow it keeps copying until the container

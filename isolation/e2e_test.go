@@ -320,3 +320,76 @@ func procStatus(t *testing.T, pid int) map[string]string {
 	}
 	return out
 }
+
+// startServe starts a detached container running `secprobe serve /tmp` and waits for its
+// first report; it returns the container's host pid.
+func (e *env) startServe(name string, flags ...string) int {
+	e.t.Helper()
+	args := append(append([]string{"run", "-d", "--network", "none", "--name", name}, flags...), probeImage, "serve", "/tmp")
+	e.mustHot(args...)
+	pid := e.pidOf(name)
+	e.waitReport(pid, 0)
+	return pid
+}
+
+// waitReport waits for probe-N.json in the container of pid and returns it.
+func (e *env) waitReport(pid, n int) report {
+	e.t.Helper()
+	p := fmt.Sprintf("/proc/%d/root/tmp/probe-%d.json", pid, n)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, err := os.ReadFile(p)
+		if err == nil {
+			var r report
+			if err := json.Unmarshal(b, &r); err != nil {
+				e.t.Fatalf("%s: %v", p, err)
+			}
+			return r
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("no report %s after 20s: %v", p, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// hot exec must not be a way around the isolation: the exec'ed process gets the container's
+// capabilities, no_new_privs and seccomp filter.
+func TestExecIsConfined(t *testing.T) {
+	e := newEnv(t)
+	pid := e.startServe("confined")
+	var r report
+	out := e.mustHot("exec", "confined", "/bin/secprobe")
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
+		t.Fatalf("exec secprobe output %q: %v", out, err)
+	}
+	want := defaultExpect()
+	delete(want, "reboot") // only probed as PID 1
+	r.check(t, want)
+	init := procStatus(t, pid)
+	for _, k := range []string{"CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb", "NoNewPrivs", "Seccomp"} {
+		if r.Status[k] != init[k] {
+			t.Errorf("exec'ed process %s = %s, container's PID 1 has %s", k, r.Status[k], init[k])
+		}
+	}
+	// With --user the command runs as that user: no capabilities left at all.
+	out = e.mustHot("exec", "-u", "1000:1000", "confined", "/bin/secprobe")
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
+		t.Fatalf("exec -u secprobe output %q: %v", out, err)
+	}
+	if r.Status["CapEff"] != "0000000000000000" || r.Status["Seccomp"] != "2" || r.Status["NoNewPrivs"] != "1" {
+		t.Errorf("exec -u 1000: status %v, want no capabilities, seccomp and no_new_privs", r.Status)
+	}
+	r.check(t, expect{"bind_80": "EACCES", "mount": "EPERM", "raw_socket": "EPERM"})
+
+	// A privileged container's exec is privileged too.
+	e.startServe("free", "--privileged")
+	out = e.mustHot("exec", "free", "/bin/secprobe")
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
+		t.Fatalf("exec secprobe output %q: %v", out, err)
+	}
+	r.check(t, expect{"mount": "ok", "raw_socket": "ok"})
+	if r.Status["Seccomp"] != "0" {
+		t.Errorf("privileged exec: status %v", r.Status)
+	}
+}

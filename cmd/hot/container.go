@@ -27,7 +27,7 @@ func containerCommands(opts *globalOptions) []*cobra.Command {
 	return []*cobra.Command{
 		newRunCmd(opts), newPsCmd(opts), newInspectCmd(opts), newLogsCmd(opts), newExecCmd(opts),
 		newStopCmd(opts), newKillCmd(opts), newRmCmd(opts), newPauseCmd(opts), newResumeCmd(opts),
-		newMonitorCmd(opts), newInitCmd(opts),
+		newMonitorCmd(opts), newInitCmd(opts), newExecHelperCmd(opts),
 	}
 }
 
@@ -487,6 +487,22 @@ func newInitCmd(_ *globalOptions) *cobra.Command {
 		Args:   cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return container.InitMain(args[0])
+		},
+	}
+}
+
+func newExecHelperCmd(_ *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:    container.ExecCommand + " SPECFD",
+		Short:  "Drop privileges and exec inside a container (run by hot exec through nsenter)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fd, err := strconv.Atoi(args[0])
+			if err != nil {
+				return usageError{fmt.Errorf("%s: want a descriptor number", container.ExecCommand)}
+			}
+			return container.ExecMain(fd)
 		},
 	}
 }
