@@ -171,3 +171,76 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// TestUmociLayoutImport builds a two-layer OCI layout with umoci (layer 2 deletes a file and
+// replaces a directory), imports the layout directory, and checks the digests umoci wrote and
+// the union of the layers.
+func TestUmociLayoutImport(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireCommand(t, "umoci")
+	work := t.TempDir()
+	layout := filepath.Join(work, "layout")
+	umoci := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("umoci", args...).CombinedOutput(); err != nil {
+			t.Fatalf("umoci %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	umoci("init", "--layout", layout)
+	umoci("new", "--image", layout+":t")
+	b1 := filepath.Join(work, "b1")
+	umoci("unpack", "--image", layout+":t", b1)
+	for p, body := range map[string]string{"etc/a": "a\n", "etc/b": "b\n", "data/keep/x": "x\n"} {
+		must(t, os.MkdirAll(filepath.Dir(filepath.Join(b1, "rootfs", p)), 0o755))
+		must(t, os.WriteFile(filepath.Join(b1, "rootfs", p), []byte(body), 0o644))
+	}
+	umoci("repack", "--image", layout+":t", b1)
+	b2 := filepath.Join(work, "b2")
+	umoci("unpack", "--image", layout+":t", b2)
+	must(t, os.Remove(filepath.Join(b2, "rootfs", "etc", "a")))
+	must(t, os.RemoveAll(filepath.Join(b2, "rootfs", "data")))
+	must(t, os.MkdirAll(filepath.Join(b2, "rootfs", "data"), 0o755))
+	must(t, os.WriteFile(filepath.Join(b2, "rootfs", "data", "new"), []byte("new\n"), 0o644))
+	umoci("repack", "--image", layout+":t", b2)
+	umoci("config", "--image", layout+":t", "--config.cmd", "/bin/app")
+
+	// What umoci wrote: the manifest digest in index.json, the config digest in the manifest.
+	var idx struct{ Manifests []struct{ Digest string } }
+	data, err := os.ReadFile(filepath.Join(layout, "index.json"))
+	must(t, err)
+	must(t, json.Unmarshal(data, &idx))
+	if len(idx.Manifests) != 1 {
+		t.Fatalf("umoci index.json: %s", data)
+	}
+	var man struct{ Config struct{ Digest string } }
+	data, err = os.ReadFile(filepath.Join(layout, "blobs", "sha256", strings.TrimPrefix(idx.Manifests[0].Digest, "sha256:")))
+	must(t, err)
+	must(t, json.Unmarshal(data, &man))
+
+	root := filepath.Join(work, "root")
+	hot(t, root, 0, "image", "import", layout, "--tag", "um:1")
+	s, err := cowfs.Open(root)
+	must(t, err)
+	img, err := s.Resolve(context.Background(), "um:1")
+	must(t, err)
+	if string(img.ManifestDigest) != idx.Manifests[0].Digest || string(img.ID) != man.Config.Digest {
+		t.Fatalf("hot: manifest %s id %s; umoci: manifest %s config %s", img.ManifestDigest, img.ID, idx.Manifests[0].Digest, man.Config.Digest)
+	}
+	if strings.Join(img.Config.Config.Cmd, " ") != "/bin/app" {
+		t.Errorf("cmd %v, want /bin/app", img.Config.Config.Cmd)
+	}
+	mnt := filepath.Join(work, "mnt")
+	must(t, os.Mkdir(mnt, 0o755))
+	must(t, cowfs.MountOverlay(mnt, img.LayerDirs, "", ""))
+	defer unix.Unmount(mnt, unix.MNT_DETACH)
+	for p, body := range map[string]string{"etc/b": "b\n", "data/new": "new\n"} {
+		if got, err := os.ReadFile(filepath.Join(mnt, p)); err != nil || string(got) != body {
+			t.Errorf("/%s: %q %v, want %q", p, got, err, body)
+		}
+	}
+	for _, p := range []string{"etc/a", "data/keep"} {
+		if _, err := os.Lstat(filepath.Join(mnt, p)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("/%s visible (err %v), but layer 2 deleted it", p, err)
+		}
+	}
+}
