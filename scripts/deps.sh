@@ -16,7 +16,7 @@ pkgs=(
 	podman skopeo umoci                                 # peers and image producers for the tests
 	runc                                                # peer for checkpoint/restore benchmarks
 	util-linux e2fsprogs xz-utils zstd cpio             # mounts, archives
-	qemu-system-x86 busybox-static                      # VM tests (livepatch, BPF): qemu TCG boot of a busybox initramfs
+	qemu-system-x86 busybox-static                      # VM tests (livepatch, BPF): qemu TCG boot of a busybox initramfs; cowfs podman build test runs the static busybox
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
