@@ -75,6 +75,12 @@ func TestCLIImportRootfsLsInspect(t *testing.T) {
 	if !strings.Contains(res.Stderr, "nosuch:v9") || !strings.Contains(res.Stderr, "hot image ls") {
 		t.Errorf("unknown image error does not name it or the fix: %s", res.Stderr)
 	}
+	for _, bad := range [][]string{{"--tag", "Bad:Name"}, {"--env", "NOEQUALS"}, {"--workdir", "relative"}} {
+		res = hot(t, root, 2, append([]string{"image", "import", "--rootfs", rootfs}, bad...)...)
+		if !strings.Contains(res.Stderr, bad[0]) {
+			t.Errorf("usage error for %v does not name the flag: %s", bad, res.Stderr)
+		}
+	}
 	res = hot(t, root, 2, "image", "import", "--rootfs", rootfs, "extra-arg")
 	if !strings.Contains(res.Stderr, "not both") {
 		t.Errorf("usage error: %s", res.Stderr)

@@ -61,6 +61,19 @@ and leaves nothing behind.
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			entrypointSet, cmdSet = cmd.Flags().Changed("entrypoint"), cmd.Flags().Changed("cmd")
+			if tag != "" {
+				if _, err := cowfs.NormalizeName(tag); err != nil {
+					return usageError{fmt.Errorf("--tag: %w", err)}
+				}
+			}
+			for _, e := range env {
+				if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
+					return usageError{fmt.Errorf("--env %q: want KEY=VALUE", e)}
+				}
+			}
+			if workdir != "" && !strings.HasPrefix(workdir, "/") {
+				return usageError{fmt.Errorf("--workdir %q: want an absolute path", workdir)}
+			}
 			defer endProgress(cmd.ErrOrStderr()) // clear the progress line before any message
 			store, err := cowfs.Open(opts.root)
 			if err != nil {
