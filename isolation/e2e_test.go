@@ -55,6 +55,13 @@ func probeRootfs(t *testing.T) string {
 }
 
 func TestMain(m *testing.M) {
+	if os.Getenv(restrictEnv) == "1" {
+		// Child of TestCRIURestoresIsolation: confine this process, then become secprobe.
+		if err := restrictAndExec(os.Args[1:]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
 	code := m.Run()
 	if probeDir != "" {
 		os.RemoveAll(probeDir)
@@ -322,10 +329,15 @@ func procStatus(t *testing.T, pid int) map[string]string {
 }
 
 // startServe starts a detached container running `secprobe serve /tmp` and waits for its
-// first report; it returns the container's host pid.
+// first report; it returns the container's host pid. Without a --network or --bridge flag the
+// container gets --network none.
 func (e *env) startServe(name string, flags ...string) int {
 	e.t.Helper()
-	args := append(append([]string{"run", "-d", "--network", "none", "--name", name}, flags...), probeImage, "serve", "/tmp")
+	args := []string{"run", "-d", "--name", name}
+	if !strings.Contains(strings.Join(flags, " "), "--bridge") {
+		args = append(args, "--network", "none")
+	}
+	args = append(append(args, flags...), probeImage, "serve", "/tmp")
 	e.mustHot(args...)
 	pid := e.pidOf(name)
 	e.waitReport(pid, 0)
@@ -335,7 +347,13 @@ func (e *env) startServe(name string, flags ...string) int {
 // waitReport waits for probe-N.json in the container of pid and returns it.
 func (e *env) waitReport(pid, n int) report {
 	e.t.Helper()
-	p := fmt.Sprintf("/proc/%d/root/tmp/probe-%d.json", pid, n)
+	return e.reportAt(fmt.Sprintf("/proc/%d/root/tmp", pid), n)
+}
+
+// reportAt waits for dir/probe-N.json and returns it.
+func (e *env) reportAt(dir string, n int) report {
+	e.t.Helper()
+	p := filepath.Join(dir, fmt.Sprintf("probe-%d.json", n))
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		b, err := os.ReadFile(p)

@@ -6,10 +6,12 @@
 //	secprobe serve DIR  probe at start and on every SIGUSR1, writing DIR/probe-N.json
 //	                    (N counts from 0), and keep running (for checkpoint/restore tests)
 //
-// Probes with side effects on the host are written to have none even where they succeed:
-// reboot uses LINUX_REBOOT_CMD_CAD_OFF and only runs as PID 1 of a PID namespace (where the
-// kernel answers EINVAL instead of touching the host), settimeofday passes no time,
-// clock_settime passes an invalid time (EINVAL once past the permission checks).
+// Scratch files go to $TMPDIR (default /tmp). Probes are written to have no lasting effect even
+// where they succeed: reboot uses LINUX_REBOOT_CMD_CAD_OFF and only runs as PID 1 of a PID
+// namespace (where the kernel answers EINVAL instead of touching the host), settimeofday
+// passes no time, clock_settime passes an invalid time (EINVAL once past the permission
+// checks), the tmpfs mount is unmounted, unshare happens on a thread that then exits, and the
+// hostname is rewritten with its own value.
 package main
 
 import (
@@ -129,7 +131,7 @@ func status() map[string]string {
 }
 
 func tryMount() error {
-	dir := "/tmp/secprobe-mnt"
+	dir := filepath.Join(os.TempDir(), "secprobe-mnt")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -230,7 +232,7 @@ func tryBind80() error {
 }
 
 func tryWrite() error {
-	p := "/tmp/secprobe-write"
+	p := filepath.Join(os.TempDir(), "secprobe-write")
 	if err := os.WriteFile(p, []byte("hello"), 0o644); err != nil {
 		return err
 	}
@@ -245,7 +247,7 @@ func tryWrite() error {
 }
 
 func tryChown() error {
-	p := "/tmp/secprobe-chown"
+	p := filepath.Join(os.TempDir(), "secprobe-chown")
 	if err := os.WriteFile(p, nil, 0o644); err != nil {
 		return err
 	}
