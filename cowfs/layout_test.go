@@ -34,7 +34,7 @@ func hardlink(name, target string) entry {
 }
 
 // layerTar builds an uncompressed layer tar. Names are written as given, hostile ones too.
-func layerTar(t *testing.T, entries ...entry) []byte {
+func layerTar(t testing.TB, entries ...entry) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -58,7 +58,7 @@ func layerTar(t *testing.T, entries ...entry) []byte {
 	return buf.Bytes()
 }
 
-func compress(t *testing.T, kind string, data []byte) []byte {
+func compress(t testing.TB, kind string, data []byte) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	switch kind {
