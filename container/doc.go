@@ -32,6 +32,9 @@
 //     the monitor socket (e.g. "restore": run `criu restore` as the monitor's child with
 //     Monitor.StartProcess, then Monitor.AdoptInit(pid) so the restored tree's exit is
 //     recorded). The monitor reaps every child itself: use StartProcess's channel, never Wait.
+//     The container's stdout/stderr is a pipe the monitor copies to the log: a restore passes
+//     Monitor.NewOutputPipe()'s write end with --inherit-fd fd[N]:pipe:[INODE] (the inode
+//     /proc/<pid>/fd/1 showed at dump time), or the restored tree gets SIGPIPE on its next write.
 //   - Request / Response / MonitorStatus: the JSON protocol on <run-root>/<id>/monitor.sock.
 //
 // # Files

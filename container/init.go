@@ -172,6 +172,17 @@ func setupRootfs(spec *specs.Spec) error {
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("container init: chdir /: %w", err)
 	}
+	// stdin: the container's own /dev/null, not the host's the monitor passed (CRIU can only
+	// dump files on mounts the container's mount namespace has).
+	if fd, err := unix.Open("/dev/null", unix.O_RDWR|unix.O_CLOEXEC, 0); err == nil {
+		err = unix.Dup3(fd, 0, 0)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("container init: stdin from /dev/null: %w", err)
+		}
+	} else {
+		return fmt.Errorf("container init: open /dev/null: %w", err)
+	}
 	if spec.Root.Readonly {
 		if err := unix.Mount("", "/", "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
 			return fmt.Errorf("container init: remount root read-only: %w", err)
@@ -325,6 +336,9 @@ func execProcess(p *specs.Process, restrict *isolation.Restrictor) error {
 	}
 	path, err := lookPath(p.Args[0], lookEnv(p.Env, "PATH"))
 	if err != nil {
+		return fmt.Errorf("container init: %w", err)
+	}
+	if err := closeExecFrom(3); err != nil {
 		return fmt.Errorf("container init: %w", err)
 	}
 	// Capabilities, no_new_privs, then seccomp: the last step before execve.

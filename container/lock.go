@@ -69,3 +69,24 @@ func killPid(pid int, sig unix.Signal) error {
 	}
 	return unix.Kill(pid, sig)
 }
+
+// closeExecFrom marks every file descriptor >= from close-on-exec, so that nothing the hot
+// process inherited from its caller (a shell's stray descriptors, say) leaks into the
+// container: CRIU could not dump those, and they are none of the container's business.
+func closeExecFrom(from int) error {
+	err := unix.CloseRange(uint(from), ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	ents, rerr := os.ReadDir("/proc/self/fd")
+	if rerr != nil {
+		return fmt.Errorf("mark descriptors close-on-exec: %w", err)
+	}
+	for _, e := range ents {
+		var fd int
+		if _, err := fmt.Sscan(e.Name(), &fd); err == nil && fd >= from {
+			unix.CloseOnExec(fd)
+		}
+	}
+	return nil
+}

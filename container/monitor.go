@@ -79,7 +79,8 @@ type Monitor struct {
 	mu        sync.Mutex
 	initPid   int
 	exit      *ExitStatus
-	exitCh    chan struct{} // closed when the current init exits
+	exitCh    chan struct{}  // closed when the current init exits
+	copiers   sync.WaitGroup // goroutines copying container output into the log
 	children  map[int]chan ExitStatus
 	unclaimed map[int]ExitStatus // reaped pids nobody waited for yet (recent only)
 	stop      context.CancelFunc
@@ -104,6 +105,9 @@ func RunMonitor(ctx context.Context, o MonitorOptions) error {
 	fail := func(err error) error {
 		ready(map[string]any{"error": err.Error()})
 		return err
+	}
+	if err := closeExecFrom(3); err != nil {
+		return fail(fmt.Errorf("monitor: %w", err))
 	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fail(fmt.Errorf("monitor: become child subreaper: %w", err))
@@ -182,11 +186,11 @@ func (m *Monitor) startInit() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("monitor: load state: %w", err)
 	}
-	logf, err := os.OpenFile(m.p.log(id), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	outW, err := m.NewOutputPipe()
 	if err != nil {
-		return 0, fmt.Errorf("monitor: open container log: %w", err)
+		return 0, err
 	}
-	defer logf.Close()
+	defer outW.Close()
 	null, err := os.Open(os.DevNull)
 	if err != nil {
 		return 0, fmt.Errorf("monitor: open %s: %w", os.DevNull, err)
@@ -209,7 +213,7 @@ func (m *Monitor) startInit() (int, error) {
 	}
 	m.mu.Lock()
 	proc, err := os.StartProcess("/proc/self/exe", []string{"hot", "__init", m.p.config(id)}, &os.ProcAttr{
-		Files: []*os.File{null, logf, logf, syncR, repW},
+		Files: []*os.File{null, outW, outW, syncR, repW},
 		Sys:   &syscall.SysProcAttr{Cloneflags: flags, Setsid: true},
 	})
 	pid := 0
@@ -261,6 +265,12 @@ func (m *Monitor) reap() {
 			ex.Signal = ws.Signal().String()
 		}
 		m.mu.Lock()
+		if pid == m.initPid && pid != 0 {
+			// Let the output the init wrote reach the log before its exit is announced.
+			m.mu.Unlock()
+			m.waitOutput(500 * time.Millisecond)
+			m.mu.Lock()
+		}
 		switch {
 		case pid == m.initPid:
 			m.recordExitLocked(ex)
@@ -425,4 +435,47 @@ func callMonitor(ctx context.Context, sock string, req Request) (*Response, erro
 		return &resp, fmt.Errorf("monitor %s: %s", req.Op, resp.Error)
 	}
 	return &resp, nil
+}
+
+// NewOutputPipe returns the write end of a new pipe whose output the monitor appends to the
+// container's log until every writer has closed it. The container's stdout and stderr are
+// such a pipe (not the log file itself: CRIU can dump and restore a pipe, but not a file on a
+// host mount the container's mount namespace does not see). A restore gives the restored
+// tree a new one with `criu restore --inherit-fd fd[N]:pipe:[INODE]`, INODE being the one
+// /proc/<pid>/fd/1 showed at dump time. The caller closes its copy of the write end once the
+// process that needs it has it.
+func (m *Monitor) NewOutputPipe() (*os.File, error) {
+	logf, err := os.OpenFile(m.p.log(m.opts.ID), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("monitor: open container log: %w", err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("monitor: output pipe: %w", err)
+	}
+	m.copiers.Add(1)
+	go func() {
+		defer m.copiers.Done()
+		defer logf.Close()
+		defer r.Close()
+		if _, err := io.Copy(logf, r); err != nil {
+			m.log.Warn("copy container output to log", "err", err)
+		}
+	}()
+	return w, nil
+}
+
+// waitOutput waits (up to d) until every output pipe has reached EOF, i.e. no process of the
+// container holds it any more.
+func (m *Monitor) waitOutput(d time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		m.copiers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
 }

@@ -332,6 +332,11 @@ func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) error {
 		return fmt.Errorf("exec in %s: join cgroup: %w", st.Name, err)
 	}
 	env := mergeEnv(spec.Process.Env, o.Env)
+	// Nothing the caller inherited may reach the container; the helper's fds below are opened
+	// afterwards, without CLOEXEC, on purpose.
+	if err := closeExecFrom(3); err != nil {
+		return fmt.Errorf("exec in %s: %w", st.Name, err)
+	}
 	p := *spec.Process
 	p.Args, p.Env, p.Cwd = o.Args, env, cwd
 	p.User = specs.User{UID: uid, GID: gid}
