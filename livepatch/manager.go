@@ -85,7 +85,16 @@ type LoadResult struct {
 
 // Check inspects and validates the module at path for this kernel without loading it.
 func (s *System) Check(path string) (*Module, error) {
-	m, err := Inspect(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open module %s: %w", path, err)
+	}
+	defer f.Close()
+	return s.check(f, path)
+}
+
+func (s *System) check(f *os.File, path string) (*Module, error) {
+	m, err := inspectFile(f, path)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +114,12 @@ func (s *System) Load(ctx context.Context, path string, o LoadOptions) (*LoadRes
 	if err := s.Supported(); err != nil {
 		return nil, err
 	}
-	m, err := s.Check(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("load livepatch: %w", err)
+	}
+	defer f.Close()
+	m, err := s.check(f, path) // the same open file goes to finit_module below
 	if err != nil {
 		return nil, err
 	}
@@ -122,13 +136,8 @@ func (s *System) Load(ctx context.Context, path string, o LoadOptions) (*LoadRes
 			return nil, fmt.Errorf("load livepatch %s: livepatch %s is still in transition to %s and the kernel allows one transition at a time: wait for it ('hot livepatch status %s') or reverse it, then retry", m.SysfsName, p.Name, p.Target(), p.Name)
 		}
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("load livepatch: %w", err)
-	}
 	start := time.Now()
 	err = s.loadModule(f, o.Params)
-	f.Close()
 	res.LoadTime = time.Since(start)
 	if err != nil {
 		return nil, fmt.Errorf("load livepatch %s: finit_module: %w (%s)", m.Name, err, loadErrorHint(err))

@@ -40,6 +40,12 @@ func Inspect(path string) (*Module, error) {
 		return nil, fmt.Errorf("open module %s: %w", path, err)
 	}
 	defer f.Close()
+	return inspectFile(f, path)
+}
+
+// inspectFile is Inspect on an open file, so that Load checks exactly the bytes it then
+// hands to finit_module (no window for the file to change in between).
+func inspectFile(f *os.File, path string) (*Module, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("stat module %s: %w", path, err)
@@ -54,7 +60,7 @@ func Inspect(path string) (*Module, error) {
 	const rebuild = "copy the module again or rebuild it"
 
 	magic := make([]byte, 4)
-	if n, _ := io.ReadFull(f, magic); n < 4 || !bytes.Equal(magic, []byte(elf.ELFMAG)) {
+	if n, _ := io.ReadFull(io.NewSectionReader(f, 0, 4), magic); n < 4 || !bytes.Equal(magic, []byte(elf.ELFMAG)) {
 		if n < 4 && bytes.HasPrefix([]byte(elf.ELFMAG), magic[:n]) {
 			return nil, bad(ErrTruncated, rebuild, "file is %d bytes, shorter than an ELF header", size)
 		}
