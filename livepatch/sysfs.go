@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // System is the kernel interface: the directories it reads and writes and the syscalls it
@@ -123,16 +125,20 @@ func (s *System) Get(name string) (*Patch, error) {
 
 func (s *System) readPatch(name string) (*Patch, error) {
 	dir := filepath.Join(s.LivepatchDir, name)
-	enabled, err := readBool(filepath.Join(dir, "enabled"))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("livepatch %s: %w (see 'hot livepatch list')", name, ErrNotFound)
+	// A patch being freed answers ENOENT or ENODEV while its kobject goes away.
+	gone := func(err error) error {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("livepatch %s: %w (see 'hot livepatch list')", name, ErrNotFound)
+		}
+		return fmt.Errorf("read livepatch %s: %w", name, err)
 	}
+	enabled, err := readBool(filepath.Join(dir, "enabled"))
 	if err != nil {
-		return nil, fmt.Errorf("read livepatch %s: %w", name, err)
+		return nil, gone(err)
 	}
 	transition, err := readBool(filepath.Join(dir, "transition"))
 	if err != nil {
-		return nil, fmt.Errorf("read livepatch %s: %w", name, err)
+		return nil, gone(err)
 	}
 	p := &Patch{Name: name, Enabled: enabled, Transition: transition, Objects: []Object{}}
 	if v, err := readBool(filepath.Join(dir, "replace")); err == nil {
@@ -140,7 +146,7 @@ func (s *System) readPatch(name string) (*Patch, error) {
 	}
 	objs, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("read livepatch %s: %w", name, err)
+		return nil, gone(err)
 	}
 	for _, o := range objs {
 		if !o.IsDir() {
@@ -151,8 +157,8 @@ func (s *System) readPatch(name string) (*Patch, error) {
 			obj.Patched = &v
 		}
 		funcs, err := os.ReadDir(filepath.Join(dir, o.Name()))
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("read livepatch %s object %s: %w", name, o.Name(), err)
+		if err != nil {
+			return nil, gone(err)
 		}
 		for _, f := range funcs {
 			if !f.IsDir() {
