@@ -224,6 +224,20 @@ func TestDefaultContainerIsConfined(t *testing.T) {
 	}
 }
 
+// A non-root user keeps the bounding set through setuid (PR_SET_KEEPCAPS) but, with no
+// ambient capabilities, execs with none effective, as in Docker.
+func TestNonRootUserHasNoCapabilities(t *testing.T) {
+	e := newEnv(t)
+	r := e.probe("-u", "1000:1000")
+	r.check(t, expect{"bind_80": "EACCES", "mount": "EPERM", "raw_socket": "EPERM", "write_file": "ok"})
+	for k, v := range map[string]string{"CapEff": "0000000000000000", "CapPrm": "0000000000000000",
+		"CapBnd": capMask(t, isolation.DefaultCapabilities()), "NoNewPrivs": "1", "Seccomp": "2"} {
+		if r.Status[k] != v {
+			t.Errorf("%s = %s, want %s", k, r.Status[k], v)
+		}
+	}
+}
+
 func TestCapAddAndDropChangeExactlyThat(t *testing.T) {
 	e := newEnv(t)
 	r := e.probe("--cap-add", "NET_RAW", "--cap-add", "sys_time", "--cap-drop", "CAP_CHOWN")
