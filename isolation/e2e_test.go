@@ -414,6 +414,21 @@ func TestExecIsConfined(t *testing.T) {
 	}
 	r.check(t, expect{"bind_80": "EACCES", "mount": "EPERM", "raw_socket": "EPERM"})
 
+	// hot inspect shows the isolation from config.json.
+	var insp struct {
+		Isolation isolation.Summary `json:"isolation"`
+	}
+	if err := json.Unmarshal([]byte(e.mustHot("inspect", "--json", "confined")), &insp); err != nil {
+		t.Fatal(err)
+	}
+	if s := insp.Isolation; len(s.Capabilities) != len(isolation.DefaultCapabilities()) || !s.NoNewPrivileges ||
+		!strings.Contains(s.Seccomp, "SCMP_ACT_ERRNO") || s.MaskedPaths == 0 || s.ReadonlyPaths == 0 {
+		t.Errorf("inspect --json isolation = %+v", s)
+	}
+	if text := e.mustHot("inspect", "confined"); !strings.Contains(text, "NET_BIND_SERVICE") || !strings.Contains(text, "no_new_privs on") {
+		t.Errorf("inspect does not show the isolation:\n%s", text)
+	}
+
 	// A privileged container's exec is privileged too.
 	e.startServe("free", "--privileged")
 	out = e.mustHot("exec", "free", "/bin/secprobe")

@@ -242,8 +242,17 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			var sum *isolation.Summary
+			var spec specs.Spec
+			if b, err := os.ReadFile(c.ConfigPath); err == nil && json.Unmarshal(b, &spec) == nil {
+				s := isolation.Summarize(&spec)
+				sum = &s
+			}
 			if asJSON {
-				return writeJSON(cmd.OutOrStdout(), c)
+				return writeJSON(cmd.OutOrStdout(), struct {
+					*container.Container
+					Isolation *isolation.Summary `json:"isolation,omitempty"`
+				}{c, sum})
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
@@ -269,9 +278,7 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 				row("finished", c.Exit.Finished.Local().Format(time.RFC3339))
 			}
 			row("log", c.LogPath)
-			var spec specs.Spec
-			if b, err := os.ReadFile(c.ConfigPath); err == nil && json.Unmarshal(b, &spec) == nil {
-				sum := isolation.Summarize(&spec)
+			if sum != nil {
 				row("capabilities", strings.Join(sum.Capabilities, ","))
 				row("isolation", sum.String())
 			}

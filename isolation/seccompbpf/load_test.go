@@ -52,6 +52,10 @@ func loadChild() error {
 	if _, _, e := unix.RawSyscall(unix.SYS_CLONE3, 0, 0, 0); e != unix.ENOSYS {
 		return fmt.Errorf("clone3 after the filter: got %v, want ENOSYS", e)
 	}
+	// getpid through the x32 ABI (bit 30): refused whatever the profile says.
+	if _, _, e := unix.RawSyscall(unix.SYS_GETPID|x32SyscallBit, 0, 0, 0); e != unix.ENOSYS {
+		return fmt.Errorf("x32 getpid after the filter: got %v, want ENOSYS", e)
+	}
 	if _, _, e := unix.RawSyscall(unix.SYS_PERSONALITY, 1, 0, 0); e != unix.EPERM {
 		return fmt.Errorf("personality(1) after the filter: got %v, want EPERM", e)
 	}
