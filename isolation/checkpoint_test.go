@@ -37,7 +37,7 @@ func bridgeFlags(t *testing.T) []string {
 		exec.Command("ip", "link", "del", bridge).Run()
 		exec.Command("nft", "delete", "table", "ip", "hot-"+bridge).Run()
 	})
-	return []string{"--bridge", bridge, "--subnet", fmt.Sprintf("10.197.%d.0/24", 10+int(b[0])%240)}
+	return []string{"--bridge", bridge, "--subnet", fmt.Sprintf("10.196.%d.0/24", 10+int(b[0])%240)}
 }
 
 // TestIsolationSurvivesCheckpointRestore: after hot checkpoint and hot restore (and hot update,
