@@ -295,6 +295,13 @@ func TestSecurityOptsInContainer(t *testing.T) {
 	if r.Status["Seccomp"] != "0" || r.Status["NoNewPrivs"] != "1" {
 		t.Errorf("status %v: want seccomp off, no_new_privs on", r.Status)
 	}
+	// Without no_new_privs the default filter is loaded before the user switch (the kernel
+	// needs CAP_SYS_ADMIN then) and must let the init finish.
+	r = e.probe("--security-opt", "no-new-privileges=false")
+	r.check(t, defaultExpect())
+	if r.Status["Seccomp"] != "2" || r.Status["NoNewPrivs"] != "0" {
+		t.Errorf("status %v: want seccomp on, no_new_privs off", r.Status)
+	}
 	// A custom profile: everything allowed except chown, which gets EACCES.
 	prof := filepath.Join(t.TempDir(), "profile.json")
 	os.WriteFile(prof, []byte(`{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chown","fchownat","lchown"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}`), 0o644)
