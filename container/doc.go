@@ -31,7 +31,9 @@
 //   - RunMonitor / Monitor: the monitor side. MonitorOptions.Ops registers more operations on
 //     the monitor socket (e.g. "restore": run `criu restore` as the monitor's child with
 //     Monitor.StartProcess, then Monitor.AdoptInit(pid) so the restored tree's exit is
-//     recorded). The monitor reaps every child itself: use StartProcess's channel, never Wait.
+//     recorded). The monitor reaps every child itself: use StartProcess's channel, or wrap code
+//     that waits for its own children (go-criu waits for `criu swrk`; restore.Restore) in
+//     Monitor.HoldReaper, or their Wait fails with ECHILD.
 //     The container's stdout/stderr is a pipe the monitor copies to the log: a restore passes
 //     Monitor.NewOutputPipe()'s write end with --inherit-fd fd[N]:pipe:[INODE] (the inode
 //     /proc/<pid>/fd/1 showed at dump time), or the restored tree gets SIGPIPE on its next write.

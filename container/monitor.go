@@ -81,6 +81,8 @@ type Monitor struct {
 	exit      *ExitStatus
 	exitCh    chan struct{}  // closed when the current init exits
 	copiers   sync.WaitGroup // goroutines copying container output into the log
+	holds     int            // HoldReaper calls not yet released
+	kick      chan struct{}  // makes the reaper look again
 	children  map[int]chan ExitStatus
 	unclaimed map[int]ExitStatus // reaped pids nobody waited for yet (recent only)
 	stop      context.CancelFunc
@@ -93,7 +95,7 @@ func RunMonitor(ctx context.Context, o MonitorOptions) error {
 		log = slog.Default()
 	}
 	m := &Monitor{opts: o, p: paths{o.Root, o.RunRoot}, log: log.With("container", o.ID),
-		exitCh: make(chan struct{}), children: map[int]chan ExitStatus{}, unclaimed: map[int]ExitStatus{}}
+		exitCh: make(chan struct{}), kick: make(chan struct{}, 1), children: map[int]chan ExitStatus{}, unclaimed: map[int]ExitStatus{}}
 	ready := func(v map[string]any) {
 		if o.Ready == nil {
 			return
@@ -134,6 +136,7 @@ func RunMonitor(ctx context.Context, o MonitorOptions) error {
 			case <-ctx.Done():
 				return
 			case <-sigch:
+			case <-m.kick:
 			case <-time.After(time.Second): // belt and braces against a lost SIGCHLD
 			}
 		}
@@ -248,42 +251,93 @@ func (m *Monitor) startInit() (int, error) {
 	return pid, nil
 }
 
-// reap collects every exited child (the init, helpers, reparented orphans).
+// reap collects every exited child (the init, helpers, reparented orphans). While the reaper
+// is held (HoldReaper), it only waits for the pids it knows, so that code waiting for its own
+// children (go-criu waits for `criu swrk`) gets their status.
 func (m *Monitor) reap() {
 	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-		if err == unix.EINTR {
-			continue
+		m.mu.Lock()
+		var pids []int
+		if m.holds > 0 {
+			if m.initPid != 0 {
+				pids = append(pids, m.initPid)
+			}
+			for p := range m.children {
+				pids = append(pids, p)
+			}
 		}
-		if pid <= 0 || err != nil {
+		held := m.holds > 0
+		m.mu.Unlock()
+		if !held {
+			pids = []int{-1}
+		}
+		reaped := false
+		for _, want := range pids {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(want, &ws, unix.WNOHANG, nil)
+			for err == unix.EINTR {
+				pid, err = unix.Wait4(want, &ws, unix.WNOHANG, nil)
+			}
+			if pid <= 0 || err != nil {
+				continue
+			}
+			reaped = true
+			m.handleExit(pid, ws)
+		}
+		if !reaped {
 			return
 		}
-		ex := ExitStatus{Code: ws.ExitStatus(), Finished: time.Now().UTC()}
-		if ws.Signaled() {
-			ex.Code = 128 + int(ws.Signal())
-			ex.Signal = ws.Signal().String()
-		}
-		m.mu.Lock()
-		if pid == m.initPid && pid != 0 {
-			// Let the output the init wrote reach the log before its exit is announced.
-			m.mu.Unlock()
-			m.waitOutput(500 * time.Millisecond)
-			m.mu.Lock()
-		}
-		switch {
-		case pid == m.initPid:
-			m.recordExitLocked(ex)
-		case m.children[pid] != nil:
-			m.children[pid] <- ex
-			delete(m.children, pid)
-		default:
-			if len(m.unclaimed) > 1024 {
-				clear(m.unclaimed)
-			}
-			m.unclaimed[pid] = ex
-		}
+	}
+}
+
+func (m *Monitor) handleExit(pid int, ws unix.WaitStatus) {
+	ex := ExitStatus{Code: ws.ExitStatus(), Finished: time.Now().UTC()}
+	if ws.Signaled() {
+		ex.Code = 128 + int(ws.Signal())
+		ex.Signal = ws.Signal().String()
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if pid == m.initPid && pid != 0 {
+		// Let the output the init wrote reach the log before its exit is announced.
 		m.mu.Unlock()
+		m.waitOutput(500 * time.Millisecond)
+		m.mu.Lock()
+	}
+	switch {
+	case pid == m.initPid:
+		m.recordExitLocked(ex)
+	case m.children[pid] != nil:
+		m.children[pid] <- ex
+		delete(m.children, pid)
+	default:
+		if len(m.unclaimed) > 1024 {
+			clear(m.unclaimed)
+		}
+		m.unclaimed[pid] = ex
+	}
+}
+
+// HoldReaper makes the monitor wait only for the pids it knows (the init, StartProcess
+// children) until release is called. Wrap code that starts and waits for its own children
+// with os/exec, such as a go-criu restore (it waits for `criu swrk`): the monitor would
+// otherwise reap them first and their Wait would fail with ECHILD. Orphans that die meanwhile
+// stay zombies until release.
+func (m *Monitor) HoldReaper() (release func()) {
+	m.mu.Lock()
+	m.holds++
+	m.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			m.mu.Lock()
+			m.holds--
+			m.mu.Unlock()
+			select {
+			case m.kick <- struct{}{}:
+			default:
+			}
+		})
 	}
 }
 
