@@ -424,8 +424,6 @@ func hostSnapshot(t *testing.T, e *env) map[string]int {
 	snap["run dirs"] = len(ents)
 	ents, _ = os.ReadDir(filepath.Join(e.runRoot, "netns"))
 	snap["netns files"] = len(ents)
-	fds, _ := os.ReadDir("/proc/self/fd")
-	snap["test fds"] = len(fds)
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		b, err := os.ReadFile(p)
