@@ -415,6 +415,12 @@ func (m *Manager) view(st *State, locked bool) *Container {
 	c.Exit = ex
 	monAlive := st.MonitorPid != 0 && procAlive(st.MonitorPid, st.MonitorStart)
 	switch {
+	case st.Status == StatusCheckpointed:
+		// The dump ended the init (exit.json records that); the container lives on in images.
+		c.Exit = nil
+		if !monAlive {
+			c.Reason = fmt.Sprintf("its monitor (pid %d) is gone: 'hot restore' needs it", st.MonitorPid)
+		}
 	case ex != nil:
 		c.Status = StatusExited
 	case st.Status == StatusCreating:
@@ -534,3 +540,17 @@ func (m *Manager) CallMonitor(ctx context.Context, ref string, req Request) (*Re
 	}
 	return callMonitor(ctx, m.p.socket(st.ID), req)
 }
+
+// Reconciled returns the reconciled view of st for a caller that holds the container's lock
+// (inside WithLock): Status as the host shows it (e.g. "checkpointed", "unknown").
+func (m *Manager) Reconciled(st *State) *Container { return m.view(st, true) }
+
+// Dir is a container's state directory (<root>/containers/<id>).
+func (m *Manager) Dir(id string) string { return m.p.dir(id) }
+
+// RunDir is a container's runtime directory (<run-root>/<id>).
+func (m *Manager) RunDir(id string) string { return m.p.runDir(id) }
+
+// ProcStartTime returns a process's start time (field 22 of /proc/PID/stat), which State
+// records next to each pid to detect pid reuse.
+func ProcStartTime(pid int) (uint64, error) { return procStartTime(pid) }

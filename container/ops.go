@@ -183,7 +183,7 @@ func (m *Manager) Remove(ctx context.Context, ref string, force bool) error {
 	}
 	defer lk.Unlock()
 	c := m.view(st, true)
-	if !force && c.Status != StatusExited {
+	if !force && c.Status != StatusExited && c.Status != StatusCheckpointed {
 		if c.Status == StatusUnknown {
 			return fmt.Errorf("container %s is in an unknown state (%s): remove it with 'hot rm -f %s'", st.Name, c.Reason, st.Name)
 		}

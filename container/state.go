@@ -17,14 +17,17 @@ import (
 // Status is what a container is doing, as reported to users.
 type Status string
 
-// Statuses. Only creating, running, paused and exited are ever written to state.json; unknown
+// Statuses. Only creating, running, paused, exited and checkpointed are ever written to state.json; unknown
 // is the reconciled verdict when the facts on the host contradict the file (see Container.Reason).
 const (
 	StatusCreating Status = "creating" // `hot run` is setting it up
 	StatusRunning  Status = "running"
 	StatusPaused   Status = "paused" // cgroup frozen
 	StatusExited   Status = "exited" // the init process ended; its status is in Exit
-	StatusUnknown  Status = "unknown"
+	// StatusCheckpointed: the processes were dumped by `hot checkpoint` and are gone; root
+	// file system, network namespace (IP), cgroup and monitor are kept for `hot restore`.
+	StatusCheckpointed Status = "checkpointed"
+	StatusUnknown      Status = "unknown"
 )
 
 // ExitStatus is how the container's init process ended. The monitor writes it to exit.json.
@@ -150,6 +153,10 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	return nil
 }
+
+// WriteJSONAtomic writes v as indented JSON to path atomically (temp file, fsync, rename): the
+// way every state file of a container is written, also by other packages (checkpoint.json).
+func WriteJSONAtomic(path string, v any) error { return writeJSONAtomic(path, v) }
 
 func writeJSONAtomic(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")

@@ -15,6 +15,7 @@ import (
 	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/hotctl/hot/restore"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 )
@@ -478,6 +479,7 @@ func newMonitorCmd(opts *globalOptions) *cobra.Command {
 			return container.RunMonitor(context.Background(), container.MonitorOptions{
 				Root: opts.root, RunRoot: opts.runRoot, ID: args[0], Logger: opts.logger, Ready: ready,
 				NoStart: noStart,
+				Ops:     map[string]container.OpFunc{restore.MonitorOp: restore.NewMonitorOp()},
 			})
 		},
 	}

@@ -55,6 +55,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newImageCmd(opts),
 	)
 	root.AddCommand(containerCommands(opts)...)
+	root.AddCommand(checkpointCommands(opts)...)
 	return root
 }
 

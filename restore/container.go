@@ -1,0 +1,211 @@
+package restore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hotctl/hot/checkpoint"
+	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/criubin"
+)
+
+// MonitorOp is the name of the monitor operation that restores a checkpointed container.
+const MonitorOp = "restore"
+
+// HelperCommand is the hidden hot subcommand the monitor runs for a restore (see HelperMain).
+const HelperCommand = "__restore"
+
+// helperArgs is what the monitor op passes to the helper (JSON on its stdin).
+type helperArgs struct {
+	CRIU      criubin.Binary            `json:"criu"`
+	ImagesDir string                    `json:"imagesDir"`
+	Root      string                    `json:"root"`
+	NetnsPath string                    `json:"netnsPath,omitempty"`
+	NetnsKey  string                    `json:"netnsKey,omitempty"`
+	Lazy      bool                      `json:"lazy,omitempty"`
+	Externals []checkpoint.ExternalFile `json:"externals,omitempty"`
+}
+
+// helperResult is what the helper writes to fd 3.
+type helperResult struct {
+	Result *Result `json:"result,omitempty"`
+	Error  string  `json:"error,omitempty"`
+}
+
+// ContainerOptions configure Container.
+type ContainerOptions struct {
+	CRIU   criubin.Binary
+	Lazy   bool
+	Logger *slog.Logger
+}
+
+// ContainerResult is what Container did.
+type ContainerResult struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Result
+}
+
+// ErrNotCheckpointed is matched by the error for a container that has nothing to restore
+// (e.g. it is running).
+var ErrNotCheckpointed = errors.New("container not checkpointed")
+
+// Container restores a checkpointed container of mgr in place: its monitor runs the restore
+// (HelperMain in a child process), so the restored tree becomes the monitor's child, in the
+// container's kept network namespace (same IP, TCP connections resumed), root file system
+// and cgroup. A failed restore leaves the container checkpointed and its images in place, so
+// it can be retried.
+func Container(ctx context.Context, mgr *container.Manager, ref string, o ContainerOptions) (*ContainerResult, error) {
+	var res *ContainerResult
+	err := mgr.WithLock(ctx, ref, func(st *container.State) error {
+		c := mgr.Reconciled(st)
+		switch c.Status {
+		case container.StatusCheckpointed:
+		case container.StatusRunning, container.StatusPaused:
+			return fmt.Errorf("restore %s: %w: it is %s, and restoring would run it twice; checkpoint it first ('hot checkpoint %s')", c.Name, ErrNotCheckpointed, c.Status, c.Name)
+		default:
+			return fmt.Errorf("restore %s: %w: it is %s", c.Name, ErrNotCheckpointed, c.Status)
+		}
+		if c.Reason != "" { // the monitor is gone (e.g. killed): start a new one without an init
+			if err := mgr.StartMonitor(ctx, st); err != nil {
+				return fmt.Errorf("restore %s: %w", c.Name, err)
+			}
+		}
+		rec, err := checkpoint.LoadRecord(mgr.Dir(c.ID))
+		if err != nil {
+			return fmt.Errorf("restore %s: no checkpoint record: %w", c.Name, err)
+		}
+		if _, err := os.Stat(filepath.Join(rec.ImagesDir, "inventory.img")); err != nil {
+			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
+		}
+		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals}
+		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
+			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
+		}
+		raw, err := json.Marshal(args)
+		if err != nil {
+			return err
+		}
+		resp, err := mgr.CallMonitor(ctx, c.ID, container.Request{Op: MonitorOp, Args: raw})
+		if err != nil {
+			return fmt.Errorf("restore %s: %w", c.Name, err)
+		}
+		var r Result
+		if err := json.Unmarshal(resp.Data, &r); err != nil {
+			return fmt.Errorf("restore %s: read monitor answer: %w", c.Name, err)
+		}
+		start, err := container.ProcStartTime(r.PID)
+		if err != nil {
+			return fmt.Errorf("restore %s: restored init %d: %w", c.Name, r.PID, err)
+		}
+		st.Status, st.Pid, st.PidStart = container.StatusRunning, r.PID, start
+		if rec.DefaultDir {
+			// The images held the container's memory (on tmpfs): free it.
+			if err := os.RemoveAll(rec.ImagesDir); err != nil && o.Logger != nil {
+				o.Logger.Warn("remove checkpoint images", "dir", rec.ImagesDir, "error", err)
+			}
+		}
+		res = &ContainerResult{ID: c.ID, Name: c.Name, Result: r}
+		return nil
+	})
+	return res, err
+}
+
+// NewMonitorOp returns the monitor operation MonitorOp: it runs `hot __restore` as the
+// monitor's child (the monitor reaps every child itself, so CRIU cannot run inside the
+// monitor process), reads its result and adopts the restored init. The restored tree is the
+// helper's child until the helper exits, then falls to the monitor, its subreaper.
+func NewMonitorOp() container.OpFunc {
+	return func(ctx context.Context, m *container.Monitor, req container.Request) container.Response {
+		if st := m.Status(); st.Running {
+			return container.Response{Error: fmt.Sprintf("container is running (pid %d): refusing to restore over it", st.Pid)}
+		}
+		argsR, argsW, err := os.Pipe()
+		if err != nil {
+			return container.Response{Error: err.Error()}
+		}
+		resR, resW, err := os.Pipe()
+		if err != nil {
+			argsR.Close()
+			argsW.Close()
+			return container.Response{Error: err.Error()}
+		}
+		_, exited, err := m.StartProcess("/proc/self/exe", []string{"hot", HelperCommand}, &os.ProcAttr{
+			Files: []*os.File{argsR, os.Stderr, os.Stderr, resW},
+		})
+		argsR.Close()
+		resW.Close()
+		if err != nil {
+			argsW.Close()
+			resR.Close()
+			return container.Response{Error: fmt.Sprintf("start restore helper: %v", err)}
+		}
+		argsW.Write(req.Args)
+		argsW.Close()
+		out, _ := io.ReadAll(resR)
+		resR.Close()
+		ex := <-exited
+		var hr helperResult
+		if err := json.Unmarshal(out, &hr); err != nil {
+			return container.Response{Error: fmt.Sprintf("restore helper exited with code %d without a result", ex.Code)}
+		}
+		if hr.Error != "" {
+			return container.Response{Error: hr.Error}
+		}
+		if err := m.AdoptInit(hr.Result.PID); err != nil {
+			return container.Response{Error: err.Error()}
+		}
+		data, _ := json.Marshal(hr.Result)
+		s := m.Status()
+		return container.Response{Status: &s, Data: data}
+	}
+}
+
+// HelperMain is `hot __restore`: it reads the restore arguments from stdin, restores, and
+// writes the result as JSON to fd 3.
+func HelperMain(ctx context.Context) error {
+	out := os.NewFile(3, "result")
+	if out == nil {
+		return errors.New("restore helper: no result descriptor (fd 3)")
+	}
+	defer out.Close()
+	r, err := helperMain(ctx)
+	hr := helperResult{Result: r}
+	if err != nil {
+		hr.Error = err.Error()
+	}
+	if werr := json.NewEncoder(out).Encode(hr); werr != nil {
+		return errors.Join(err, werr)
+	}
+	return err
+}
+
+func helperMain(ctx context.Context) (*Result, error) {
+	var a helperArgs
+	if err := json.NewDecoder(os.Stdin).Decode(&a); err != nil {
+		return nil, fmt.Errorf("restore helper: read arguments: %w", err)
+	}
+	inherit := map[string]*os.File{}
+	for _, x := range a.Externals {
+		f, err := os.OpenFile(x.Path, x.Flags, 0)
+		if err != nil {
+			return nil, fmt.Errorf("restore: reopen %s (held open by the container, outside its root): %w", x.Path, err)
+		}
+		defer f.Close()
+		inherit[x.Key] = f
+	}
+	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit}
+	if a.NetnsPath != "" {
+		opts.Netns = &checkpoint.ExternalNetns{Path: a.NetnsPath, Key: a.NetnsKey}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	return Restore(ctx, opts)
+}

@@ -1,0 +1,285 @@
+package restore_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hotctl/hot/checkpoint"
+	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/internal/testapps"
+	"github.com/hotctl/hot/internal/testapps/loadclient"
+	"github.com/hotctl/hot/internal/testutil"
+	"github.com/hotctl/hot/restore"
+	"github.com/hotctl/hot/sockets"
+)
+
+// env is one test's private hot installation (own --root, --run-root, bridge, subnet) with the
+// httpcount image imported and one container "web" running it.
+type env struct {
+	t              *testing.T
+	root, runRoot  string
+	bridge, subnet string
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func newEnv(t *testing.T, runArgs ...string) *env {
+	t.Helper()
+	testutil.RequireRoot(t)
+	for _, c := range []string{"nsenter", "nft", "ip"} {
+		testutil.RequireCommand(t, c)
+	}
+	rnd := make([]byte, 1)
+	rand.Read(rnd)
+	// Not t.TempDir(): the test name would make the monitor's socket path longer than a unix
+	// socket address allows (108 bytes).
+	dir, err := os.MkdirTemp("", "hotck")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e := &env{t: t, root: filepath.Join(dir, "root"), runRoot: filepath.Join(dir, "run"),
+		bridge: "hotc" + randHex(3), subnet: fmt.Sprintf("10.197.%d.0/24", 10+int(rnd[0])%240)}
+	t.Cleanup(func() {
+		out := testutil.RunHot(t, time.Minute, e.args("ps", "-aq")...)
+		for _, id := range strings.Fields(out.Stdout) {
+			testutil.RunHot(t, time.Minute, e.args("rm", "-f", id)...)
+		}
+		exec.Command("ip", "link", "del", e.bridge).Run()
+		exec.Command("nft", "delete", "table", "ip", "hot-"+e.bridge).Run()
+	})
+	rootfs := filepath.Join(dir, "image")
+	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	app := testapps.Build(t, "github.com/hotctl/hot/internal/testapps/httpcount")
+	if out, err := exec.Command("cp", app, filepath.Join(rootfs, "bin", "httpcount")).CombinedOutput(); err != nil {
+		t.Fatalf("copy app: %v: %s", err, out)
+	}
+	e.mustHot("image", "import", "--rootfs", rootfs, "--tag", "httpcount:test", "--entrypoint", "/bin/httpcount")
+	e.mustHot(append([]string{"run", "-d", "--name", "web", "--bridge", e.bridge, "--subnet", e.subnet, "httpcount:test"}, runArgs...)...)
+	return e
+}
+
+func (e *env) args(a ...string) []string {
+	return append([]string{"--root", e.root, "--run-root", e.runRoot}, a...)
+}
+
+func (e *env) hot(a ...string) testutil.Result {
+	e.t.Helper()
+	return testutil.RunHot(e.t, 2*time.Minute, e.args(a...)...)
+}
+
+func (e *env) mustHot(a ...string) string {
+	e.t.Helper()
+	r := e.hot(a...)
+	if r.ExitCode != 0 {
+		e.t.Fatalf("hot %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(a, " "), r.ExitCode, r.Stdout, r.Stderr)
+	}
+	return r.Stdout
+}
+
+func (e *env) inspect() container.Container {
+	e.t.Helper()
+	var c container.Container
+	if err := json.Unmarshal([]byte(e.mustHot("inspect", "--json", "web")), &c); err != nil {
+		e.t.Fatalf("decode inspect: %v", err)
+	}
+	return c
+}
+
+// clients connects 4 keep-alive clients to the container and waits until they all answered.
+func (e *env) clients() *loadclient.Load {
+	e.t.Helper()
+	addr := e.inspect().Network.IP.String() + ":8080"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var load *loadclient.Load
+	var err error
+	for ctx.Err() == nil {
+		if load, err = loadclient.Start(context.Background(), addr, 4, 5*time.Millisecond); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		e.t.Fatalf("clients: %v", err)
+	}
+	e.t.Cleanup(func() { load.Stop() })
+	return load
+}
+
+// progress waits until every client got more answers than in before, failing on any error.
+func progress(t *testing.T, load *loadclient.Load, before loadclient.Report) loadclient.Report {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		now := load.Snapshot()
+		if now.Failures > 0 {
+			t.Fatalf("client requests failed: %v", now.Errors)
+		}
+		ok := true
+		for i := range now.PerClient {
+			if now.PerClient[i] <= before.PerClient[i]+5 {
+				ok = false
+			}
+		}
+		if ok {
+			return now
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("clients stopped answering: before %v, now %v", before.PerClient, now.PerClient)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func checkClean(t *testing.T, load *loadclient.Load) {
+	t.Helper()
+	final := load.Stop()
+	if final.Failures != 0 || final.Regressions != 0 {
+		t.Fatalf("failures %d (%v), counter regressions %d", final.Failures, final.Errors, final.Regressions)
+	}
+	if final.LastValue < int64(final.Requests) {
+		t.Fatalf("counter %d below the %d answered requests: state lost", final.LastValue, final.Requests)
+	}
+	t.Logf("%d requests on the same 4 connections, longest wait %v", final.Requests, final.MaxGap)
+}
+
+func TestCheckpointRestoreContainer(t *testing.T) {
+	for _, lazy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("lazy=%v", lazy), func(t *testing.T) {
+			e := newEnv(t)
+			load := e.clients()
+			before := progress(t, load, load.Snapshot())
+			ipBefore := e.inspect().Network.IP
+
+			var cres checkpoint.ContainerResult
+			if err := json.Unmarshal([]byte(e.mustHot("checkpoint", "--json", "web")), &cres); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("checkpoint: freeze %v, dump %v, total %v, %d pages", cres.Stats.Freeze, cres.Stats.Dump, cres.Stats.Total, cres.Stats.PagesWritten)
+			if cres.Stats.PagesWritten == 0 {
+				t.Errorf("checkpoint reports no memory written: %+v", cres.Stats)
+			}
+			c := e.inspect()
+			if c.Status != container.StatusCheckpointed || c.Network.IP != ipBefore {
+				t.Fatalf("after checkpoint: status %s, IP %v (want checkpointed, %v)", c.Status, c.Network.IP, ipBefore)
+			}
+			paused := load.Snapshot()
+			if paused.Failures != 0 {
+				t.Fatalf("failures during checkpoint: %v", paused.Errors)
+			}
+
+			args := []string{"restore", "--json", "web"}
+			if lazy {
+				args = []string{"restore", "--lazy", "--json", "web"}
+			}
+			var rres restore.ContainerResult
+			if err := json.Unmarshal([]byte(e.mustHot(args...)), &rres); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("restore: running after %v, memory in after %v", rres.Running, rres.MemoryIn)
+			c = e.inspect()
+			if c.Status != container.StatusRunning || c.Pid != rres.PID {
+				t.Fatalf("after restore: status %s pid %d (want running, %d)", c.Status, c.Pid, rres.PID)
+			}
+			// The restored init is the monitor's child, in the container's cgroup.
+			if ppid := parentOf(t, c.Pid); ppid != c.MonitorPid {
+				t.Errorf("restored init %d has parent %d, want the monitor %d", c.Pid, ppid, c.MonitorPid)
+			}
+			if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", c.Pid)); !strings.Contains(string(cg), c.Cgroup) {
+				t.Errorf("restored init is not in cgroup %s: %s", c.Cgroup, cg)
+			}
+			progress(t, load, paused)
+			if r := e.hot("restore", "web"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "running") {
+				t.Errorf("restoring a running container: exit %d, stderr %q; want a refusal", r.ExitCode, r.Stderr)
+			}
+			if locks, err := sockets.CRIULocks(context.Background(), c.Network.NetnsPath); err != nil || len(locks) > 0 {
+				t.Errorf("network lock after restore: %v %v", locks, err)
+			}
+			checkClean(t, load)
+			_ = before
+		})
+	}
+}
+
+func TestCheckpointLeaveRunning(t *testing.T) {
+	e := newEnv(t)
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	e.mustHot("checkpoint", "--leave-running", "web")
+	if c := e.inspect(); c.Status != container.StatusRunning {
+		t.Fatalf("after --leave-running: status %s", c.Status)
+	}
+	progress(t, load, load.Snapshot())
+	checkClean(t, load)
+}
+
+func TestFailedCheckpointKeepsContainerRunning(t *testing.T) {
+	for _, fp := range []string{"checkpoint-post-dump", "checkpoint-kill-criu"} {
+		t.Run(fp, func(t *testing.T) {
+			e := newEnv(t)
+			load := e.clients()
+			progress(t, load, load.Snapshot())
+			t.Setenv("HOT_FAILPOINT", fp)
+			r := e.hot("checkpoint", "web")
+			os.Unsetenv("HOT_FAILPOINT")
+			if r.ExitCode == 0 || !strings.Contains(r.Stderr, "criu dump failed") || strings.Contains(r.Stderr, "RLIMIT") {
+				t.Fatalf("injected failure: exit %d, stderr %q; want the CRIU error (not the rlimit line)", r.ExitCode, r.Stderr)
+			}
+			c := e.inspect()
+			if c.Status != container.StatusRunning {
+				t.Fatalf("after a failed checkpoint the container is %s", c.Status)
+			}
+			if locks, err := sockets.CRIULocks(context.Background(), c.Network.NetnsPath); err != nil || len(locks) > 0 {
+				t.Fatalf("network lock left behind: %v %v", locks, err)
+			}
+			if fp == "checkpoint-kill-criu" {
+				// See checkpoint's test: connections in TCP repair mode may be lost when CRIU
+				// dies; the container must keep running, its state and be reachable.
+				before := load.Stop()
+				l2, err := loadclient.Start(context.Background(), c.Network.IP.String()+":8080", 1, 5*time.Millisecond)
+				if err != nil {
+					t.Fatalf("container unreachable after a killed dump: %v", err)
+				}
+				time.Sleep(200 * time.Millisecond)
+				if after := l2.Stop(); after.Failures != 0 || after.LastValue <= before.LastValue {
+					t.Fatalf("after a killed dump: %v, counter %d (was %d)", after.Errors, after.LastValue, before.LastValue)
+				}
+				return
+			}
+			progress(t, load, load.Snapshot())
+			checkClean(t, load)
+		})
+	}
+}
+
+func parentOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "PPid:"); ok {
+			var p int
+			fmt.Sscan(strings.TrimSpace(v), &p)
+			return p
+		}
+	}
+	return 0
+}
