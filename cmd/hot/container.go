@@ -14,8 +14,8 @@ import (
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/hotctl/hot/restore"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 )
