@@ -97,26 +97,11 @@ func (e *env) restore(t *testing.T, lazy bool) *restore.Result {
 // expectProgress waits until every client answered more requests than in before.
 func (e *env) expectProgress(t *testing.T, before loadclient.Report) loadclient.Report {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		now := e.load.Snapshot()
-		if now.Failures > 0 {
-			t.Fatalf("client requests failed: %v", now.Errors)
-		}
-		done := true
-		for i := range now.PerClient {
-			if now.PerClient[i] <= before.PerClient[i]+5 {
-				done = false
-			}
-		}
-		if done {
-			return now
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("clients stopped answering: before %v, now %v", before.PerClient, now.PerClient)
-		}
-		time.Sleep(20 * time.Millisecond)
+	now, err := e.load.WaitProgress(before, 5, 15*time.Second)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return now
 }
 
 func TestDumpRestoreKeepsConnections(t *testing.T) {

@@ -166,3 +166,28 @@ func (l *Load) Stop() Report {
 	l.wg.Wait()
 	return l.Snapshot()
 }
+
+// WaitProgress waits until every client answered at least min more requests than in before.
+// It fails at once when a request failed, and when timeout passes first.
+func (l *Load) WaitProgress(before Report, min int, timeout time.Duration) (Report, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		now := l.Snapshot()
+		if now.Failures > 0 {
+			return now, fmt.Errorf("client requests failed: %v", now.Errors)
+		}
+		ok := true
+		for i := range now.PerClient {
+			if i >= len(before.PerClient) || now.PerClient[i] < before.PerClient[i]+min {
+				ok = false
+			}
+		}
+		if ok {
+			return now, nil
+		}
+		if time.Now().After(deadline) {
+			return now, fmt.Errorf("clients stopped answering: %v answers before, %v now", before.PerClient, now.PerClient)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
