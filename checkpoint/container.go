@@ -35,14 +35,23 @@ type Record struct {
 	Stats        DumpStats      `json:"stats"`
 }
 
-// ExternalFile is a file the container's processes hold open that lives outside the
-// container's mounts (its stdio: the host's /dev/null and the container log). CRIU records it
-// under Key (file[MNT_ID:INODE]) and restore passes a fresh descriptor of Path opened with Flags.
+// ExternalFile is a file the container's processes hold whose other side is not in the dump.
+// Kind "file": a file on a mount that is not the container's (CRIU records it under Key,
+// file[MNT_ID:INODE], and restore passes a fresh descriptor of Path opened with Flags).
+// Kind "output": the pipe of the container's stdout/stderr that the monitor reads (Key
+// pipe:[INODE]); restore passes the write end of a new monitor pipe.
 type ExternalFile struct {
+	Kind  string `json:"kind"`
 	Key   string `json:"key"`
-	Path  string `json:"path"`
-	Flags int    `json:"flags"`
+	Path  string `json:"path,omitempty"`
+	Flags int    `json:"flags,omitempty"`
 }
+
+// Kinds of ExternalFile.
+const (
+	ExternalFileOnHost = "file"
+	ExternalOutputPipe = "output"
+)
 
 // ContainerOptions configure Container.
 type ContainerOptions struct {
@@ -115,7 +124,9 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 			dopts.FreezerCgroup = cg.Paths()["unified"]
 		}
 		for _, x := range rec.Externals {
-			dopts.External = append(dopts.External, x.Key)
+			if x.Kind == ExternalFileOnHost { // pipes need no --external, only inherit-fd at restore
+				dopts.External = append(dopts.External, x.Key)
+			}
 		}
 		if c.Network.NetnsPath != "" {
 			dopts.Netns = &ExternalNetns{Path: c.Network.NetnsPath, Key: DefaultNetnsKey}
@@ -152,8 +163,9 @@ func LoadRecord(containerDir string) (*Record, error) {
 	return &r, nil
 }
 
-// externalFiles finds the files the processes hold open on mounts that are not the
-// container's (those of init's mount namespace): CRIU must treat them as external.
+// externalFiles finds what the dump must treat as external: the init's stdout/stderr pipe
+// (read by the monitor) and files the processes hold open on mounts that are not the
+// container's (those of init's mount namespace).
 func externalFiles(initPid int, pids []int) ([]ExternalFile, error) {
 	own, err := mountIDs(initPid)
 	if err != nil {
@@ -161,6 +173,13 @@ func externalFiles(initPid int, pids []int) ([]ExternalFile, error) {
 	}
 	seen := map[string]bool{}
 	var out []ExternalFile
+	for _, fd := range []string{"1", "2"} {
+		target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", initPid, fd))
+		if err == nil && strings.HasPrefix(target, "pipe:[") && !seen[target] {
+			seen[target] = true
+			out = append(out, ExternalFile{Kind: ExternalOutputPipe, Key: target})
+		}
+	}
 	for _, pid := range pids {
 		fdDir := fmt.Sprintf("/proc/%d/fd", pid)
 		ents, err := os.ReadDir(fdDir)
@@ -185,7 +204,7 @@ func externalFiles(initPid int, pids []int) ([]ExternalFile, error) {
 				continue
 			}
 			seen[key] = true
-			out = append(out, ExternalFile{Key: key, Path: target, Flags: flags &^ (syscall.O_CREAT | syscall.O_TRUNC | syscall.O_EXCL | syscall.O_CLOEXEC)})
+			out = append(out, ExternalFile{Kind: ExternalFileOnHost, Key: key, Path: target, Flags: flags &^ (syscall.O_CREAT | syscall.O_TRUNC | syscall.O_EXCL | syscall.O_CLOEXEC)})
 		}
 	}
 	return out, nil

@@ -137,11 +137,21 @@ func NewMonitorOp() container.OpFunc {
 			argsW.Close()
 			return container.Response{Error: err.Error()}
 		}
+		// The container's stdout/stderr: a new pipe into the log, handed to CRIU for the old one.
+		output, err := m.NewOutputPipe()
+		if err != nil {
+			argsR.Close()
+			argsW.Close()
+			resR.Close()
+			resW.Close()
+			return container.Response{Error: err.Error()}
+		}
 		_, exited, err := m.StartProcess("/proc/self/exe", []string{"hot", HelperCommand}, &os.ProcAttr{
-			Files: []*os.File{argsR, os.Stderr, os.Stderr, resW},
+			Files: []*os.File{argsR, os.Stderr, os.Stderr, resW, output},
 		})
 		argsR.Close()
 		resW.Close()
+		output.Close()
 		if err != nil {
 			argsW.Close()
 			resR.Close()
@@ -169,7 +179,7 @@ func NewMonitorOp() container.OpFunc {
 }
 
 // HelperMain is `hot __restore`: it reads the restore arguments from stdin, restores, and
-// writes the result as JSON to fd 3.
+// writes the result as JSON to fd 3. Fd 4 is the write end of the monitor's new output pipe.
 func HelperMain(ctx context.Context) error {
 	out := os.NewFile(3, "result")
 	if out == nil {
@@ -193,7 +203,18 @@ func helperMain(ctx context.Context) (*Result, error) {
 		return nil, fmt.Errorf("restore helper: read arguments: %w", err)
 	}
 	inherit := map[string]*os.File{}
+	output := os.NewFile(4, "output")
+	if output != nil {
+		defer output.Close()
+	}
 	for _, x := range a.Externals {
+		if x.Kind == checkpoint.ExternalOutputPipe {
+			if output == nil {
+				return nil, errors.New("restore helper: no output pipe (fd 4)")
+			}
+			inherit[x.Key] = output
+			continue
+		}
 		f, err := os.OpenFile(x.Path, x.Flags, 0)
 		if err != nil {
 			return nil, fmt.Errorf("restore: reopen %s (held open by the container, outside its root): %w", x.Path, err)

@@ -189,7 +189,11 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 			if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", c.Pid)); !strings.Contains(string(cg), c.Cgroup) {
 				t.Errorf("restored init is not in cgroup %s: %s", c.Cgroup, cg)
 			}
-			progress(t, load, paused)
+			after := progress(t, load, paused)
+			// The restored app's output still reaches the container log (a new monitor pipe).
+			if logs := e.mustHot("logs", "web"); !strings.Contains(logs, fmt.Sprintf("request %d ", after.LastValue)) {
+				t.Errorf("container log lacks request %d after the restore: ...%s", after.LastValue, logs[max(0, len(logs)-300):])
+			}
 			if r := e.hot("restore", "web"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "running") {
 				t.Errorf("restoring a running container: exit %d, stderr %q; want a refusal", r.ExitCode, r.Stderr)
 			}
@@ -197,7 +201,9 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 				t.Errorf("network lock after restore: %v %v", locks, err)
 			}
 			checkClean(t, load)
-			_ = before
+			if before.Requests == 0 {
+				t.Error("no requests before the checkpoint")
+			}
 		})
 	}
 }
