@@ -15,6 +15,7 @@ import (
 	"unsafe"
 
 	"github.com/hotctl/hot/criubin"
+	"github.com/hotctl/hot/isolation/seccompbpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,6 +37,7 @@ func builtinCheckers() []Checker {
 		{Name: "soft-dirty", Run: checkSoftDirty},
 		{Name: "pipe-max-size", Run: checkPipeMax},
 		{Name: "btf", Run: checkBTF},
+		{Name: "seccomp", Run: checkSeccomp},
 	}
 }
 
@@ -373,4 +375,12 @@ func checkBTF(ctx context.Context, _ *Options) Result {
 		return missing("", "/sys/kernel/btf/vmlinux has no BTF magic")
 	}
 	return ok("/sys/kernel/btf/vmlinux readable")
+}
+
+// checkSeccomp asks the kernel whether it has the seccomp filter actions containers use.
+func checkSeccomp(ctx context.Context, _ *Options) Result {
+	if err := seccompbpf.Available(); err != nil {
+		return missing("a kernel with CONFIG_SECCOMP_FILTER; until then run containers with --security-opt seccomp=unconfined", "%v", err)
+	}
+	return ok("seccomp filters with ERRNO, KILL_PROCESS and LOG actions: containers get Docker's default profile")
 }

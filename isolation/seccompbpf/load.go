@@ -41,3 +41,20 @@ func (p *Program) Load() error {
 	}
 	return nil
 }
+
+// Available reports whether this kernel can load the filters Compile makes: seccomp filter
+// mode with the ERRNO, KILL_PROCESS and LOG actions (SECCOMP_GET_ACTION_AVAIL; nothing is
+// loaded).
+func Available() error {
+	for _, a := range []struct {
+		name string
+		val  uint32
+	}{{"SECCOMP_RET_ERRNO", unix.SECCOMP_RET_ERRNO}, {"SECCOMP_RET_KILL_PROCESS", unix.SECCOMP_RET_KILL_PROCESS}, {"SECCOMP_RET_LOG", unix.SECCOMP_RET_LOG}} {
+		v := a.val
+		_, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_GET_ACTION_AVAIL, 0, uintptr(unsafe.Pointer(&v)))
+		if errno != 0 {
+			return fmt.Errorf("seccomp filter action %s: %w (needs CONFIG_SECCOMP_FILTER, Linux >= 4.14)", a.name, errno)
+		}
+	}
+	return nil
+}

@@ -95,3 +95,9 @@ func TestLoadIntoKernel(t *testing.T) {
 		t.Fatalf("exec'ed program is not filtered:\n%s", out)
 	}
 }
+
+func TestAvailable(t *testing.T) {
+	if err := Available(); err != nil {
+		t.Fatalf("this kernel loads filters (TestLoadIntoKernel), but Available says: %v", err)
+	}
+}
