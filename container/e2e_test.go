@@ -345,6 +345,72 @@ func TestKillRecordsSignalAndCommandExit(t *testing.T) {
 		t.Errorf("x: %s %+v", c.Status, c.Exit)
 	}
 	e.mustHot("rm", "k", "x")
+
+	// --network none: loopback only, and up.
+	e.mustHot("run", "-d", "--name", "lo", "--network", "none", appImage)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		r := e.hot("exec", "lo", "httpcount", "get", "http://127.0.0.1:8080/")
+		if r.ExitCode == 0 && strings.TrimSpace(r.Stdout) == "count 1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--network none: server not reachable on loopback: %+v", r)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.mustHot("rm", "-f", "lo")
+}
+
+// TestConcurrentCommands: racing runs with one name create one container; racing removals
+// remove it once and leave nothing.
+func TestConcurrentCommands(t *testing.T) {
+	e := newEnv(t)
+	var wg sync.WaitGroup
+	results := make([]testutil.Result, 4)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = testutil.RunHot(t, 2*time.Minute, e.args("run", "-d", "--bridge", e.bridge, "--subnet", e.subnet, "--name", "same", appImage)...)
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, r := range results {
+		if r.ExitCode == 0 {
+			ok++
+		} else if !strings.Contains(r.Stderr, "already used") {
+			t.Errorf("losing run: exit %d, %q", r.ExitCode, r.Stderr)
+		}
+	}
+	if ok != 1 {
+		t.Fatalf("%d of 4 racing runs with one name succeeded, want 1", ok)
+	}
+	c := e.inspect("same")
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = testutil.RunHot(t, 2*time.Minute, e.args("rm", "-f", "same")...)
+		}()
+	}
+	wg.Wait()
+	ok = 0
+	for _, r := range results {
+		if r.ExitCode == 0 {
+			ok++
+		} else if !strings.Contains(r.Stderr, "no such container") {
+			t.Errorf("losing rm: exit %d, %q", r.ExitCode, r.Stderr)
+		}
+	}
+	if ok != 1 {
+		t.Errorf("%d of 4 racing removals succeeded, want 1", ok)
+	}
+	noTraces(t, []container.Container{c})
+	if ids := strings.Fields(e.mustHot("ps", "-aq")); len(ids) != 0 {
+		t.Errorf("left: %v", ids)
+	}
 }
 
 // subnetIP returns the address n of the test's subnet.

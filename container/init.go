@@ -100,10 +100,16 @@ func initContainer(configPath string) error {
 		return err
 	}
 	for _, ns := range spec.Linux.Namespaces {
-		if ns.Type == specs.NetworkNamespace && ns.Path != "" {
+		if ns.Type != specs.NetworkNamespace {
+			continue
+		}
+		if ns.Path != "" {
 			if err := joinNetns(ns.Path); err != nil {
 				return err
 			}
+		} else if err := loopbackUp(); err != nil {
+			// A fresh namespace (--network none): only lo, and it starts down.
+			return err
 		}
 	}
 	if err := setupRootfs(&spec); err != nil {
@@ -129,6 +135,27 @@ func joinNetns(path string) error {
 	defer unix.Close(fd)
 	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
 		return fmt.Errorf("container init: join network namespace %s: %w", path, err)
+	}
+	return nil
+}
+
+// loopbackUp sets the lo device of the current network namespace up.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("container init: socket for lo: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return fmt.Errorf("container init: lo: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("container init: read lo flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("container init: set lo up: %w", err)
 	}
 	return nil
 }

@@ -360,6 +360,9 @@ func (m *Manager) lock(ctx context.Context, ref string) (*State, *fileLock, erro
 	}
 	lk, err := lockFile(ctx, m.p.lock(st.ID))
 	if err != nil {
+		if _, serr := os.Stat(m.p.state(st.ID)); errors.Is(serr, os.ErrNotExist) {
+			return nil, nil, fmt.Errorf("%w %q: it was removed meanwhile", ErrNotFound, ref)
+		}
 		return nil, nil, fmt.Errorf("container %s is busy: %w", ref, err)
 	}
 	st, err = m.p.loadState(st.ID)
