@@ -346,6 +346,12 @@ func TestKillRecordsSignalAndCommandExit(t *testing.T) {
 	}
 	e.mustHot("rm", "k", "x")
 
+	// Attached run prints the container's output.
+	if out := e.mustHot("run", "--name", "y", "--network", "none", "-e", "MARK=attached", appImage, "env"); !strings.Contains(out, "MARK=attached") {
+		t.Errorf("attached run output:\n%s", out)
+	}
+	e.mustHot("rm", "y")
+
 	// --network none: loopback only, and up.
 	e.mustHot("run", "-d", "--name", "lo", "--network", "none", appImage)
 	deadline = time.Now().Add(10 * time.Second)

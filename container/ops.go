@@ -400,7 +400,13 @@ func (m *Manager) Logs(ctx context.Context, ref string, w io.Writer, follow bool
 		if !follow {
 			return nil
 		}
-		if c := m.view(st, false); !c.active() && c.Status != StatusCreating {
+		// Stop once the exit is recorded (the monitor writes exit.json only after the output
+		// pipe drained), or when no monitor is left to write more.
+		if cur, err := m.p.loadState(st.ID); err == nil {
+			st = cur
+		}
+		if c := m.view(st, false); c.Status == StatusExited ||
+			c.Status == StatusUnknown && !procAlive(st.MonitorPid, st.MonitorStart) {
 			_, err := io.Copy(w, f)
 			return err
 		}
