@@ -25,8 +25,8 @@
 //     .../stack), reported, and signalled with the kernel's own mechanism (writing 1 to
 //     /sys/kernel/livepatch/NAME/signal). If that does not help the result is a
 //     [*StalledError] naming the tasks, never a silent hang. `force` is written only when
-//     the caller asks for it ([WaitOptions.Force]): a forced patch module can never be
-//     removed.
+//     the caller asks for it ([WaitOptions.Force]): it bypasses the consistency model, and
+//     the module of a patch forced while being disabled or replaced can never be removed.
 //   - A disabled patch cannot be enabled again (the kernel removes its sysfs directory);
 //     [System.Enable] only reverses a disable that is still in transition and otherwise says
 //     to unload and load again. [System.Unload] refuses while the sysfs directory exists and

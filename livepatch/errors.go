@@ -75,7 +75,7 @@ func (e *StalledError) Error() string {
 	if e.Signalled {
 		b.WriteString("; signalling them did not help")
 	}
-	fmt.Fprintf(&b, "; the patch stays in transition: check 'hot livepatch status %s', reverse with 'hot livepatch %s %s', or finish with --force (the module can then never be unloaded)",
+	fmt.Fprintf(&b, "; the patch stays in transition: check 'hot livepatch status %s', reverse with 'hot livepatch %s %s', or finish with --force (skips the consistency check; after a forced disable the module can never be unloaded)",
 		e.Patch, map[State]string{Enabled: "disable", Disabled: "enable"}[e.Target], e.Patch)
 	return b.String()
 }

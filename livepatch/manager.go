@@ -42,8 +42,10 @@ type WaitOptions struct {
 	// signal the transition gets SignalGrace more before it counts as stalled.
 	Timeout     time.Duration
 	SignalGrace time.Duration // 0 means 5 s (the kernel retries once a second)
-	// Force writes `force` when the transition is still stalled after the signal. A forced
-	// patch module can never be unloaded.
+	// Force writes `force` when the transition is still stalled after the signal: the
+	// remaining tasks are switched without the consistency check (they may run old and new
+	// code mixed), and the kernel keeps the module of a patch forced while being disabled (or
+	// replaced) loaded for good: it can never be unloaded.
 	Force    bool
 	Progress func(Event) // optional
 	Logger   *slog.Logger
@@ -256,7 +258,7 @@ func (s *System) WaitTransition(ctx context.Context, name string, target State, 
 					}
 				}
 			case o.Force && !tr.Forced:
-				o.Logger.Warn("livepatch: forcing the transition; the module can never be unloaded", "patch", name)
+				o.Logger.Warn("livepatch: forcing the transition past the consistency check", "patch", name, "target", target)
 				if err := writeValue(filepath.Join(dir, "force"), "1"); err != nil {
 					return tr, fmt.Errorf("force livepatch %s: %w", name, err)
 				}
@@ -387,7 +389,7 @@ func (s *System) unloadModule(name string) error {
 	if err := s.deleteModule(name); err != nil {
 		hint := "see dmesg"
 		if errors.Is(err, unix.EWOULDBLOCK) || errors.Is(err, unix.EBUSY) {
-			hint = "still in use: a patch whose transition was forced can never be unloaded"
+			hint = "still in use; a module whose patch was forced while being disabled or replaced can never be unloaded"
 		}
 		return fmt.Errorf("unload livepatch %s: delete_module: %w (%s)", name, err, hint)
 	}

@@ -91,6 +91,24 @@ if hot livepatch unload plain_mod >/tmp/out 2>&1; then fail "unloaded an ordinar
 cat /tmp/out
 grep -q "not a livepatch" /tmp/out || fail "unload refusal does not say why"
 rmmod plain_mod
+
+step "--force finishes a disable stalled by a task in the new code; the module then stays for good (last step)"
+insmod /lp/stall-target.ko || fail "insmod stall-target again"
+hot livepatch load /lp/lp-stall.ko --wait >/dev/null || fail "load lp-stall with no reader"
+cat /proc/hot_stall >/dev/null &
+i=0
+until grep -q hot_stall_wait_patched /proc/$!/stack 2>/dev/null; do
+	i=$((i + 1)); [ $i -lt 100 ] || fail "reader never got into hot_stall_wait_patched"; sleep 0.2
+done
+hot livepatch disable lp_stall --wait --timeout 1s --force >/tmp/force.out 2>&1 || { cat /tmp/force.out; fail "disable --force"; }
+cat /tmp/force.out
+grep -q "warning: --force" /tmp/force.out || fail "no warning before forcing"
+grep -q "hot_stall_wait_patched" /tmp/force.out || fail "the task in the new code was not reported"
+grep -q "FORCED: the module can never be unloaded" /tmp/force.out || fail "result does not say the transition was forced"
+[ ! -e /sys/kernel/livepatch/lp_stall ] || fail "patch still in sysfs after the forced disable"
+if hot livepatch unload lp_stall >/tmp/out 2>&1; then fail "unloaded the module of a force-disabled patch"; fi
+cat /tmp/out
+grep -q "forced" /tmp/out || fail "unload refusal does not mention the forced transition"
 echo "ALL OK"
 exit 0
 `

@@ -39,13 +39,13 @@ type waitFlags struct {
 func (w *waitFlags) add(cmd *cobra.Command, withForce bool) {
 	cmd.Flags().DurationVar(&w.timeout, "timeout", 60*time.Second, "how long to wait for the transition before reporting and signalling the tasks that block it")
 	if withForce {
-		cmd.Flags().BoolVar(&w.force, "force", false, "if the transition is still stalled after signalling, force it (DANGEROUS: skips the consistency check, and the module can never be unloaded)")
+		cmd.Flags().BoolVar(&w.force, "force", false, "if the transition is still stalled after signalling, force it (DANGEROUS: skips the consistency check; a patch forced while being disabled keeps its module loaded for good)")
 	}
 }
 
 func (w *waitFlags) options(cmd *cobra.Command, opts *globalOptions) livepatch.WaitOptions {
 	if w.force {
-		fmt.Fprintln(cmd.ErrOrStderr(), "hot: warning: --force: a stalled transition will be forced; the consistency model is then bypassed and the module can never be unloaded")
+		fmt.Fprintln(cmd.ErrOrStderr(), "hot: warning: --force: a stalled transition will be forced: the remaining tasks skip the consistency check (old and new code may mix), and a patch forced while being disabled keeps its module loaded for good")
 	}
 	return livepatch.WaitOptions{Timeout: w.timeout, Force: w.force, Logger: opts.logger, Progress: progressPrinter(cmd.ErrOrStderr())}
 }
@@ -261,12 +261,20 @@ func transitionNote(t *livepatch.Transition) string {
 		notes = append(notes, "blocking tasks were signalled")
 	}
 	if t.Forced {
-		notes = append(notes, "FORCED: the module can never be unloaded")
+		notes = append(notes, forcedNote(t.Target))
 	}
 	if len(notes) == 0 {
 		return ""
 	}
 	return " (" + strings.Join(notes, "; ") + ")"
+}
+
+// forcedNote says what a forced transition to target leaves behind.
+func forcedNote(target livepatch.State) string {
+	if target == livepatch.Disabled {
+		return "FORCED: the module can never be unloaded"
+	}
+	return "FORCED: the remaining tasks were switched without the consistency check"
 }
 
 func transitionWord(p livepatch.Patch) string {
@@ -331,7 +339,7 @@ func progressPrinter(w io.Writer) func(livepatch.Event) {
 		case livepatch.EventSignalled:
 			fmt.Fprintf(w, "hot: %s → %s: %s\n", e.Patch, e.Target, e.Detail)
 		case livepatch.EventForced:
-			fmt.Fprintf(w, "hot: WARNING: forced the transition of %s; its module can never be unloaded\n", e.Patch)
+			fmt.Fprintf(w, "hot: WARNING: forced the transition of %s to %s: %s\n", e.Patch, e.Target, forcedNote(e.Target))
 		}
 	}
 }

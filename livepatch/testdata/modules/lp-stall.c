@@ -1,18 +1,24 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * lp-stall: a livepatch of stall-target's hot_stall_wait(). Its transition cannot finish while
- * a task sleeps in the old hot_stall_wait() (a reader of /proc/hot_stall): hot must report that
- * task instead of hanging.
+ * lp-stall: a livepatch of stall-target's hot_stall_wait(). Its enable cannot finish while a
+ * task sleeps in the old hot_stall_wait() (a reader of /proc/hot_stall), and its disable cannot
+ * finish while a task sleeps in the replacement: hot must report such tasks, not hang.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/module.h>
 #include <linux/kernel.h>
 #include <linux/livepatch.h>
+#include <linux/wait.h>
+
+extern wait_queue_head_t hot_stall_wq;
+extern bool hot_stall_released;
 
 static int hot_stall_wait_patched(void)
 {
-	return 0; /* the patched version never sleeps */
+	/* Sleeps like the original, so that a disable can be held up too. */
+	wait_event(hot_stall_wq, READ_ONCE(hot_stall_released));
+	return 0;
 }
 
 static struct klp_func stall_funcs[] = {

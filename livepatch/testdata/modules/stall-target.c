@@ -12,8 +12,11 @@
 #include <linux/uaccess.h>
 #include <linux/wait.h>
 
-static DECLARE_WAIT_QUEUE_HEAD(hot_stall_wq);
-static bool hot_stall_released;
+/* Exported for lp-stall, whose replacement function sleeps the same way. */
+DECLARE_WAIT_QUEUE_HEAD(hot_stall_wq);
+EXPORT_SYMBOL_GPL(hot_stall_wq);
+bool hot_stall_released;
+EXPORT_SYMBOL_GPL(hot_stall_released);
 
 noinline int hot_stall_wait(void)
 {
