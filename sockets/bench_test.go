@@ -16,7 +16,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			n := newTestNet(b)
 			srv := startEchoServer(b, n)
-			c := dialClient(b, srv)
+			c := dialClient(b, srv.Addr)
 			if through {
 				newTestHolder(b, n)
 			}
@@ -37,7 +37,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 func BenchmarkHoldRelease(b *testing.B) {
 	n := newTestNet(b)
 	srv := startEchoServer(b, n)
-	c := dialClient(b, srv)
+	c := dialClient(b, srv.Addr)
 	h := newTestHolder(b, n)
 	roundTrips(b, c, 10)
 	var gap, release time.Duration

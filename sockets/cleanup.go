@@ -16,7 +16,7 @@ func HoldRules(ctx context.Context, netnsPath string) ([]string, error) {
 	}
 	var found []string
 	for _, t := range allTools() {
-		out, err := saveFilter(ctx, netnsPath, t)
+		out, err := saveAll(ctx, netnsPath, t)
 		if err != nil {
 			return found, fmt.Errorf("list hold rules: %w", err)
 		}
@@ -39,20 +39,22 @@ func Cleanup(ctx context.Context, netnsPath string) error {
 	}
 	var errs []error
 	for _, t := range allTools() {
-		out, err := saveFilter(ctx, netnsPath, t)
+		out, err := saveAll(ctx, netnsPath, t)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("clean up hold rules: %w", err))
 			continue
 		}
 		rules, _ := parseSave(out)
-		var del []string
+		del := map[string][]string{} // table -> delete lines
 		for _, r := range rules {
 			if isHoldRule(r) {
-				del = append(del, deleteLine(r))
+				del[r.Table] = append(del[r.Table], deleteLine(r))
 			}
 		}
-		if err := restoreNoflush(ctx, netnsPath, t, del); err != nil {
-			errs = append(errs, fmt.Errorf("clean up hold rules: %w", err))
+		for table, lines := range del {
+			if err := restoreNoflush(ctx, netnsPath, t, table, lines); err != nil {
+				errs = append(errs, fmt.Errorf("clean up hold rules: %w", err))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -75,7 +77,7 @@ func CRIULocks(ctx context.Context, netnsPath string) ([]string, error) {
 		found = append(found, "nft: table "+tb)
 	}
 	for _, t := range allTools() {
-		out, err := saveFilter(ctx, netnsPath, t)
+		out, err := saveAll(ctx, netnsPath, t)
 		if err != nil {
 			return found, fmt.Errorf("list CRIU network lock: %w", err)
 		}
@@ -134,7 +136,7 @@ func CleanupCRIULock(ctx context.Context, netnsPath string) error {
 // cleanupCRIUChain removes CRIU's iptables lock for one front end: rules first (jumps
 // included: the nft backend refuses to delete a chain that is still referenced), then the chain.
 func cleanupCRIUChain(ctx context.Context, netnsPath string, t iptablesTool) error {
-	out, err := saveFilter(ctx, netnsPath, t)
+	out, err := saveAll(ctx, netnsPath, t)
 	if err != nil {
 		return err
 	}
@@ -145,12 +147,12 @@ func cleanupCRIUChain(ctx context.Context, netnsPath string, t iptablesTool) err
 			del = append(del, deleteLine(r))
 		}
 	}
-	if err := restoreNoflush(ctx, netnsPath, t, del); err != nil {
+	if err := restoreNoflush(ctx, netnsPath, t, "filter", del); err != nil {
 		return err
 	}
 	if !slices.Contains(chains, "CRIU") {
 		return nil
 	}
 	// Declaring the chain in a --noflush script flushes it; -X then deletes it.
-	return restoreNoflush(ctx, netnsPath, t, []string{":CRIU - [0:0]", "-X CRIU"})
+	return restoreNoflush(ctx, netnsPath, t, "filter", []string{":CRIU - [0:0]", "-X CRIU"})
 }

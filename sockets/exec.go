@@ -80,17 +80,18 @@ func hostHasIPv6() bool {
 	return err == nil
 }
 
-// saveFilter returns the filter table as printed by tool's save command inside the netns.
-func saveFilter(ctx context.Context, netnsPath string, t iptablesTool) (string, error) {
-	return runIn(ctx, netnsPath, "", t.Save, "-t", "filter")
+// saveAll returns every table as printed by tool's save command inside the netns.
+func saveAll(ctx context.Context, netnsPath string, t iptablesTool) (string, error) {
+	return runIn(ctx, netnsPath, "", t.Save)
 }
 
-// restoreNoflush feeds a filter-table script to tool's restore command (-w --noflush) in the netns.
-func restoreNoflush(ctx context.Context, netnsPath string, t iptablesTool, lines []string) error {
+// restoreNoflush feeds a script for one table to tool's restore command (-w --noflush) in the
+// netns.
+func restoreNoflush(ctx context.Context, netnsPath string, t iptablesTool, table string, lines []string) error {
 	if len(lines) == 0 {
 		return nil
 	}
-	script := "*filter\n" + strings.Join(lines, "\n") + "\nCOMMIT\n"
+	script := "*" + table + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n"
 	_, err := runIn(ctx, netnsPath, script, t.Restore, "-w", "--noflush")
 	return err
 }

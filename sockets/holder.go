@@ -21,6 +21,8 @@ const (
 	// DefaultMaxQueueLen is the kernel queue length a Holder asks for (the kernel's default is
 	// 1024). Packets beyond it are dropped, never passed: the client retransmits them.
 	DefaultMaxQueueLen = 16384
+	// hookLocalOut is NF_INET_LOCAL_OUT, the hook of packets the netns sends.
+	hookLocalOut = 3
 	// readBufferBytes is the netlink receive buffer of the reader. Every queued packet is one
 	// notification in it; a notification that does not fit makes the kernel drop that packet.
 	readBufferBytes = 32 << 20
@@ -44,7 +46,8 @@ type HoldOptions struct {
 
 // HoldStats describe one Hold/Release cycle.
 type HoldStats struct {
-	Packets         int           `json:"packets"`             // packets held and then released
+	Packets         int           `json:"packets"`             // incoming packets held and then released
+	OutputDropped   int           `json:"output_dropped"`      // outgoing packets dropped during the hold
 	HoldDuration    time.Duration `json:"hold_duration"`       // Hold() to Release()
 	MaxPacketWait   time.Duration `json:"max_packet_wait"`     // first held packet's arrival to its release
 	ReleaseDuration time.Duration `json:"release_duration"`    // time to hand all held packets back to the kernel
@@ -62,10 +65,11 @@ type Stats struct {
 	Last          HoldStats `json:"last"`
 }
 
-// Holder queues the incoming packets of one network namespace to a reader in this process.
-// Outside a hold every packet is accepted at once; during a hold verdicts are withheld, so the
-// packets wait in the kernel instead of being dropped, and Release lets them all through in
-// arrival order. Methods are safe for concurrent use.
+// Holder queues the packets of one network namespace to a reader in this process. Outside a
+// hold every packet is accepted at once. During a hold the verdicts on incoming packets are
+// withheld, so they wait in the kernel instead of being dropped, and Release lets them all
+// through in arrival order; outgoing packets are dropped meanwhile, as CRIU's lock does (see
+// holdTable for why). Methods are safe for concurrent use.
 type Holder struct {
 	netnsPath string
 	queue     uint16
@@ -77,22 +81,24 @@ type Holder struct {
 	closeErr  error
 	done      chan struct{} // closed by Close
 
-	mu        sync.Mutex
-	holding   bool
-	holdStart time.Time
-	firstHeld time.Time
-	held      int
-	lastID    uint32
-	overflow  int
-	readerErr error
-	closed    bool
-	stats     Stats
+	mu         sync.Mutex
+	holding    bool
+	holdStart  time.Time
+	firstHeld  time.Time
+	held       int
+	outDropped int
+	lastID     uint32
+	overflow   int
+	readerErr  error
+	closed     bool
+	stats      Stats
 }
 
 // installedRule is one hold rule in place, with the front end that put it there.
 type installedRule struct {
-	tool iptablesTool
-	spec []string
+	tool  iptablesTool
+	chain string
+	spec  []string
 }
 
 // NewHolder installs an NFQUEUE rule for incoming packets (IPv4 and, where the kernel has it,
@@ -204,8 +210,9 @@ func setReadBuffer(nf *nfqueue.Nfqueue, n int) error {
 	return serr
 }
 
-// installRules puts the hold rule at the top of INPUT, for IPv4 and IPv6, with the first
-// iptables backend that accepts an NFQUEUE target (only the legacy one if onlyLegacy).
+// installRules puts the hold rules at the top of raw PREROUTING and OUTPUT, for IPv4 and IPv6,
+// with the first iptables backend that accepts an NFQUEUE target (only the legacy one if
+// onlyLegacy).
 func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
 	spec := holdRuleSpec(h.queue)
 	tools := allTools()
@@ -217,17 +224,20 @@ func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
 	for _, legacy := range backends {
 		var rules []installedRule
 		ok := true
+	tools:
 		for _, t := range tools {
 			if strings.HasSuffix(t.Cmd, "-legacy") != legacy || (t.IPv6 && !hostHasIPv6()) {
 				continue
 			}
-			args := append([]string{"-w", "-I", "INPUT", "1"}, spec...)
-			if _, err := runIn(ctx, h.netnsPath, "", t.Cmd, args...); err != nil {
-				failures = append(failures, err.Error())
-				ok = false
-				break
+			for _, chain := range holdChains() {
+				args := append([]string{"-w", "-t", holdTable, "-I", chain, "1"}, spec...)
+				if _, err := runIn(ctx, h.netnsPath, "", t.Cmd, args...); err != nil {
+					failures = append(failures, err.Error())
+					ok = false
+					break tools
+				}
+				rules = append(rules, installedRule{tool: t, chain: chain, spec: spec})
 			}
-			rules = append(rules, installedRule{tool: t, spec: spec})
 		}
 		if ok && len(rules) > 0 && !rules[0].tool.IPv6 {
 			h.rules = rules
@@ -249,7 +259,7 @@ func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
 func removeRules(ctx context.Context, netnsPath string, rules []installedRule) error {
 	var first error
 	for _, r := range rules {
-		args := append([]string{"-w", "-D", "INPUT"}, r.spec...)
+		args := append([]string{"-w", "-t", holdTable, "-D", r.chain}, r.spec...)
 		if _, err := runIn(ctx, netnsPath, "", r.tool.Cmd, args...); err != nil && first == nil {
 			first = fmt.Errorf("remove hold rule: %w", err)
 		}
@@ -265,6 +275,20 @@ func (h *Holder) onPacket(a nfqueue.Attribute) int {
 	id := *a.PacketID
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if a.Hook != nil && *a.Hook == hookLocalOut {
+		verdict := nfqueue.NfAccept
+		if h.holding {
+			// Sent by a socket being dumped (see holdTable): dropped, as CRIU's lock does.
+			verdict = nfqueue.NfDrop
+			h.outDropped++
+		} else {
+			h.stats.PassedPackets++
+		}
+		if err := h.nf.SetVerdict(id, verdict); err != nil {
+			h.log.Warn("verdict on outgoing packet", "netns", h.netnsPath, "queue", h.queue, "err", err)
+		}
+		return 0
+	}
 	if h.holding {
 		if h.held == 0 {
 			h.firstHeld = time.Now()
@@ -302,7 +326,10 @@ func (h *Holder) onError(err error) int {
 	return 1
 }
 
-// Hold starts withholding verdicts: from now on incoming packets wait in the kernel queue.
+// Hold starts withholding verdicts: from now on incoming packets wait in the kernel queue and
+// outgoing packets (other than CRIU's repair traffic) are dropped. Call it right before the
+// freeze: what the application sends between Hold and the freeze is dropped too, and its
+// socket resends it after restore.
 func (h *Holder) Hold() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -312,7 +339,7 @@ func (h *Holder) Hold() error {
 	if h.holding {
 		return fmt.Errorf("hold packets in %s: already holding", h.netnsPath)
 	}
-	h.holding, h.holdStart, h.held, h.overflow = true, time.Now(), 0, 0
+	h.holding, h.holdStart, h.held, h.outDropped, h.overflow = true, time.Now(), 0, 0, 0
 	return nil
 }
 
@@ -328,7 +355,7 @@ func (h *Holder) Release() (HoldStats, error) {
 		return HoldStats{}, err
 	}
 	start := time.Now()
-	st := HoldStats{Packets: h.held, HoldDuration: start.Sub(h.holdStart), Overflows: h.overflow}
+	st := HoldStats{Packets: h.held, OutputDropped: h.outDropped, HoldDuration: start.Sub(h.holdStart), Overflows: h.overflow}
 	var err error
 	if h.held > 0 {
 		err = h.nf.SetVerdictBatch(h.lastID, nfqueue.NfAccept)

@@ -71,7 +71,7 @@ func TestHoldSupported(t *testing.T) {
 func TestHolderPassThrough(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	direct := median(roundTrips(t, c, 200))
 
 	h := newTestHolder(t, n)
@@ -96,7 +96,7 @@ func TestHolderPassThrough(t *testing.T) {
 func TestHoldThenRelease(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	roundTrips(t, c, 5)
 	h := newTestHolder(t, n)
 	r := holdCycle(t, h, c, func(req int) { c.expectNoAnswer(t, srv, req, pause) })
@@ -126,7 +126,7 @@ func TestHoldThenRelease(t *testing.T) {
 func TestHoldVersusDrop(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	roundTrips(t, c, 20)
 	h := newTestHolder(t, n)
 	for _, p := range []time.Duration{pause, 450 * time.Millisecond} {
@@ -218,7 +218,7 @@ func holdCycle(t testing.TB, h *Holder, c *client, during func(req int)) cycle {
 func TestHolderCloseLeavesNoRules(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	h := newTestHolder(t, n)
 	roundTrips(t, c, 3)
 	if err := h.Close(); err != nil {
@@ -271,7 +271,7 @@ func assertNoHoldRules(t *testing.T, n *testNet) {
 		t.Fatalf("hold rules left after Close: %q", rules)
 	}
 	for _, t6 := range allTools() {
-		if out, _ := saveFilter(context.Background(), n.Path, t6); strings.Contains(out, "NFQUEUE") {
+		if out, _ := saveAll(context.Background(), n.Path, t6); strings.Contains(out, "NFQUEUE") {
 			t.Fatalf("%s shows an NFQUEUE rule after Close:\n%s", t6.Save, out)
 		}
 	}
@@ -282,7 +282,7 @@ func assertNoHoldRules(t *testing.T, n *testNet) {
 func TestCleanupAfterCrash(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	roundTrips(t, c, 3)
 	args := append([]string{"-w", "-I", "INPUT", "1"}, holdRuleSpec(47123)...)
 	if _, err := runIn(context.Background(), n.Path, "", "iptables", args...); err != nil {
@@ -328,7 +328,7 @@ func TestHoldManyConnections(t *testing.T) {
 	srv := startEchoServer(t, n)
 	var clients []*client
 	for range 8 {
-		c := dialClient(t, srv)
+		c := dialClient(t, srv.Addr)
 		roundTrips(t, c, 2)
 		clients = append(clients, c)
 	}
@@ -395,7 +395,7 @@ func TestHoldLegacyBackend(t *testing.T) {
 	testutil.RequireCommand(t, "iptables-legacy")
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	h := newTestHolderOpts(t, n, HoldOptions{Legacy: true})
 	if got := h.Stats().Backend; got != "iptables-legacy" {
 		t.Fatalf("backend %q, want iptables-legacy", got)

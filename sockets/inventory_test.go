@@ -13,7 +13,7 @@ import (
 func TestListTCP(t *testing.T) {
 	n := newTestNet(t)
 	srv := startEchoServer(t, n)
-	c := dialClient(t, srv)
+	c := dialClient(t, srv.Addr)
 	roundTrips(t, c, 3)
 	conns, err := ListTCP(context.Background(), n.Path)
 	if err != nil {
@@ -37,7 +37,7 @@ func TestListTCP(t *testing.T) {
 	if got, err := CountEstablished(context.Background(), n.Path); err != nil || got != 1 {
 		t.Errorf("CountEstablished = %d, %v; want 1", got, err)
 	}
-	c2 := dialClient(t, srv)
+	c2 := dialClient(t, srv.Addr)
 	roundTrips(t, c2, 1)
 	if got, err := CountEstablished(context.Background(), n.Path); err != nil || got != 2 {
 		t.Errorf("CountEstablished with a second client = %d, %v; want 2", got, err)
@@ -77,7 +77,7 @@ func TestCleanupCRIULock(t *testing.T) {
 		{"iptables", "iptables-restore", criuIptablesLock, []string{"iptables: chain CRIU", "iptables: -A INPUT -j CRIU", "iptables: -A OUTPUT -j CRIU"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialClient(t, srv)
+			c := dialClient(t, srv.Addr)
 			roundTrips(t, c, 2)
 			args := []string{"-f", "-"}
 			if tc.tool != "nft" {

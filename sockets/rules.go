@@ -14,7 +14,26 @@ const holdComment = "hot-hold"
 // rule does the same.
 const soccrMark = "0xc114"
 
-// holdRuleSpec returns the iptables arguments (after -I/-D INPUT) of the hold rule for queue q.
+// holdTable is the table of the hold rules: raw, before conntrack and routing.
+//
+// Incoming packets are queued in PREROUTING. Queued later (filter INPUT) a packet has already
+// been early-demuxed: it carries a reference to the socket it was meant for, and after restore
+// it would be handed to that old, closed socket and silently discarded, costing the client a
+// retransmission. Queued in PREROUTING it is matched to the restored socket when released.
+//
+// Outgoing packets are queued in OUTPUT so that, during a hold, the reader can drop them as
+// CRIU's own lock does. The dumped sockets are still in the kernel while CRIU works, and a
+// socket in TCP repair mode still fires its retransmission timer: such a segment carries a TCP
+// timestamp newer than the one CRIU saved, the client takes it as its latest, and after
+// restore rejects the restored socket's segments as old (PAWS) until the restored clock has
+// caught up, i.e. for as long as the pause was. (Seen with real CRIU: the answer to a held
+// request came one client retransmission late, +200 to +500 ms.)
+const holdTable = "raw"
+
+// holdChains are the chains of holdTable that get a hold rule.
+func holdChains() []string { return []string{"PREROUTING", "OUTPUT"} }
+
+// holdRuleSpec returns the iptables arguments (after -I/-D CHAIN) of the hold rule for queue q.
 // Deliberately no --queue-bypass: if the reader is gone, packets are dropped (the client
 // retransmits) instead of reaching a socket that is being restored and answering with RST.
 func holdRuleSpec(q uint16) []string {
@@ -27,33 +46,35 @@ func holdRuleSpec(q uint16) []string {
 
 // saveRule is one "-A CHAIN ..." line of iptables-save output, split into words.
 type saveRule struct {
+	Table string
 	Chain string
 	Args  []string // words after the chain name
 	Line  string   // the original line
 }
 
-// parseSave returns the rules and user chains of the filter table in iptables-save output.
-func parseSave(out string) (rules []saveRule, chains []string) {
-	inFilter := false
+// parseSave returns the rules of every table in iptables-save output, and the chains of the
+// filter table.
+func parseSave(out string) (rules []saveRule, filterChains []string) {
+	table := ""
 	for _, line := range strings.Split(out, "\n") {
 		line = strings.TrimSpace(line)
 		switch {
 		case strings.HasPrefix(line, "*"):
-			inFilter = line == "*filter"
-		case !inFilter:
+			table = line[1:]
+		case table == "":
 		case strings.HasPrefix(line, ":"):
-			if f := strings.Fields(line[1:]); len(f) > 0 {
-				chains = append(chains, f[0])
+			if f := strings.Fields(line[1:]); len(f) > 0 && table == "filter" {
+				filterChains = append(filterChains, f[0])
 			}
 		case strings.HasPrefix(line, "-A "):
 			words := splitSaveWords(line)
 			if len(words) < 2 {
 				continue
 			}
-			rules = append(rules, saveRule{Chain: words[1], Args: words[2:], Line: line})
+			rules = append(rules, saveRule{Table: table, Chain: words[1], Args: words[2:], Line: line})
 		}
 	}
-	return rules, chains
+	return rules, filterChains
 }
 
 // splitSaveWords splits an iptables-save line into words the way iptables-restore does:
@@ -112,9 +133,13 @@ func isHoldRule(r saveRule) bool {
 	})
 }
 
-// isCRIURule reports whether r belongs to CRIU's iptables network lock: a jump to (or a rule
-// in) the CRIU chain, or a per-connection lock rule (`-m mark ! --mark 0xc114 ... -j DROP`).
+// isCRIURule reports whether r belongs to CRIU's iptables network lock (filter table): a jump
+// to (or a rule in) the CRIU chain, or a per-connection lock rule
+// (`-m mark ! --mark 0xc114 ... -j DROP`).
 func isCRIURule(r saveRule) bool {
+	if r.Table != "filter" {
+		return false
+	}
 	if r.Chain == "CRIU" || hasWordPair(r.Args, "-j", func(v string) bool { return v == "CRIU" }) {
 		return true
 	}

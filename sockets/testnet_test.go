@@ -114,7 +114,7 @@ type echoServer struct {
 	Addr  netip.AddrPort
 	ln    net.Listener
 	lines atomic.Int64
-	wg    sync.WaitGroup
+	wg    sync.WaitGroup // the accept loop
 }
 
 // startEchoServer listens inside the test netns (the listening socket is created there and
@@ -131,31 +131,35 @@ func startEchoServer(t testing.TB, n *testNet) *echoServer {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		for {
-			c, err := s.ln.Accept()
-			if err != nil {
-				return
-			}
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					s.lines.Add(1)
-					if _, err := c.Write([]byte("pong" + strings.TrimPrefix(line, "ping"))); err != nil {
-						return
-					}
-				}
-			}()
-		}
+		serveEcho(s.ln, &s.lines)
 	}()
 	t.Cleanup(func() { s.ln.Close() })
 	return s
+}
+
+// serveEcho answers "ping N" with "pong N" on every connection of ln until ln is closed,
+// counting the lines received.
+func serveEcho(ln net.Listener, lines *atomic.Int64) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				lines.Add(1)
+				if _, err := c.Write([]byte("pong" + strings.TrimPrefix(line, "ping"))); err != nil {
+					return
+				}
+			}
+		}()
+	}
 }
 
 // client is a keep-alive connection from the host to the echo server.
@@ -165,11 +169,11 @@ type client struct {
 	n    int
 }
 
-func dialClient(t testing.TB, s *echoServer) *client {
+func dialClient(t testing.TB, addr netip.AddrPort) *client {
 	t.Helper()
-	c, err := net.DialTimeout("tcp4", s.Addr.String(), 2*time.Second)
+	c, err := net.DialTimeout("tcp4", addr.String(), 2*time.Second)
 	if err != nil {
-		t.Fatalf("dial echo server %s: %v", s.Addr, err)
+		t.Fatalf("dial echo server %s: %v", addr, err)
 	}
 	t.Cleanup(func() { c.Close() })
 	return &client{conn: c, r: bufio.NewReader(c)}
