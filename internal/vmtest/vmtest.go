@@ -101,8 +101,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	start := time.Now()
 	err := cmd.Run()
 	res := &Result{Console: console.String(), Duration: time.Since(start)}
-	if ctx.Err() != nil {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return res, fmt.Errorf("vmtest: no verdict within %s (qemu killed); console tail:\n%s", cfg.Timeout, lastLines(res.Console, 40))
+	}
+	if ctx.Err() != nil {
+		return res, fmt.Errorf("vmtest: run cancelled (qemu killed): %w", ctx.Err())
 	}
 	var ee *exec.ExitError
 	switch {
