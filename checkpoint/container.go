@@ -59,7 +59,10 @@ type ContainerOptions struct {
 	LeaveRunning bool
 	ImagesDir    string // default <run-root>/<id>/checkpoint
 	Failpoint    string // tests only (see DumpOptions.Failpoint)
-	Logger       *slog.Logger
+	// NetworkLock is passed to CRIU (see DumpOptions.NetworkLock); "skip" when the caller holds
+	// the container's packets itself (package sockets).
+	NetworkLock string
+	Logger      *slog.Logger
 }
 
 // ContainerResult is what Container did.
@@ -82,6 +85,18 @@ var ErrNotRunning = errors.New("container not running")
 func Container(ctx context.Context, mgr *container.Manager, ref string, o ContainerOptions) (*ContainerResult, error) {
 	var res *ContainerResult
 	err := mgr.WithLock(ctx, ref, func(st *container.State) error {
+		var err error
+		res, err = ContainerLocked(ctx, mgr, st, o)
+		return err
+	})
+	return res, err
+}
+
+// ContainerLocked is Container for a caller that holds the container's lock
+// (container.Manager.WithLock) and saves st afterwards, e.g. the hot update.
+func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.State, o ContainerOptions) (*ContainerResult, error) {
+	var res *ContainerResult
+	err := func() error {
 		c := mgr.Reconciled(st)
 		if c.Status != container.StatusRunning {
 			if c.Status == container.StatusCheckpointed {
@@ -118,6 +133,7 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 			Freezer:       cg,
 			FreezerCgroup: cg.Paths()["freezer"],
 			Failpoint:     o.Failpoint,
+			NetworkLock:   o.NetworkLock,
 			Logger:        o.Logger,
 		}
 		if c.Cgroup != "" && cg.Mode() == "v2" {
@@ -131,6 +147,11 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 		if c.Network.NetnsPath != "" {
 			dopts.Netns = &ExternalNetns{Path: c.Network.NetnsPath, Key: DefaultNetnsKey}
 			rec.NetnsKey = DefaultNetnsKey
+		}
+		// The record goes to disk before the dump too: if this process dies after CRIU wrote
+		// the images, a later restore (or update recovery) still knows how to restore them.
+		if err := container.WriteJSONAtomic(filepath.Join(mgr.Dir(c.ID), RecordFile), rec); err != nil {
+			return fmt.Errorf("checkpoint %s: %w", c.Name, err)
 		}
 		dres, err := Dump(ctx, dopts)
 		if err != nil {
@@ -146,7 +167,7 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 		}
 		res = &ContainerResult{ID: c.ID, Name: c.Name, ImagesDir: rec.ImagesDir, LeaveRunning: o.LeaveRunning, Stats: dres.Stats}
 		return nil
-	})
+	}()
 	return res, err
 }
 

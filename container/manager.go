@@ -557,3 +557,7 @@ func (m *Manager) RunDir(id string) string { return m.p.runDir(id) }
 // ProcStartTime returns a process's start time (field 22 of /proc/PID/stat), which State
 // records next to each pid to detect pid reuse.
 func ProcStartTime(pid int) (uint64, error) { return procStartTime(pid) }
+
+// Save writes st to disk atomically before WithLock would, for multi-step operations that
+// must leave a truthful state file at every step (the hot update). The caller holds the lock.
+func (m *Manager) Save(st *State) error { return m.p.saveState(st) }

@@ -65,6 +65,18 @@ var ErrNotCheckpointed = errors.New("container not checkpointed")
 func Container(ctx context.Context, mgr *container.Manager, ref string, o ContainerOptions) (*ContainerResult, error) {
 	var res *ContainerResult
 	err := mgr.WithLock(ctx, ref, func(st *container.State) error {
+		var err error
+		res, err = ContainerLocked(ctx, mgr, st, o)
+		return err
+	})
+	return res, err
+}
+
+// ContainerLocked is Container for a caller that holds the container's lock
+// (container.Manager.WithLock) and saves st afterwards, e.g. the hot update.
+func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.State, o ContainerOptions) (*ContainerResult, error) {
+	var res *ContainerResult
+	err := func() error {
 		c := mgr.Reconciled(st)
 		switch c.Status {
 		case container.StatusCheckpointed:
@@ -114,7 +126,7 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 		}
 		res = &ContainerResult{ID: c.ID, Name: c.Name, Result: r}
 		return nil
-	})
+	}()
 	return res, err
 }
 

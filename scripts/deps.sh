@@ -11,7 +11,7 @@ fi
 
 # Debian packages. One line per purpose so it is clear why each is here.
 pkgs=(
-	ca-certificates git make gcc libc6-dev pkg-config  # build hot; gcc/make also build the VM tests' kernel modules
+	ca-certificates git make gcc libc6-dev pkg-config curl  # build hot; gcc/make also build the VM tests' kernel modules
 	iproute2 nftables iptables procps psmisc kmod      # container networking, host inspection
 	podman skopeo umoci                                 # peers and image producers for the tests
 	runc                                                # peer for checkpoint/restore benchmarks

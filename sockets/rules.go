@@ -36,8 +36,12 @@ func holdChains() []string { return []string{"PREROUTING", "OUTPUT"} }
 // holdRuleSpec returns the iptables arguments (after -I/-D CHAIN) of the hold rule for queue q.
 // Deliberately no --queue-bypass: if the reader is gone, packets are dropped (the client
 // retransmits) instead of reaching a socket that is being restored and answering with RST.
+//
+// Loopback traffic is not held: inside the namespace it is the container talking to itself
+// or hot's own health probe, both of which must go on while client packets wait.
 func holdRuleSpec(q uint16) []string {
 	return []string{
+		"!", "-i", "lo",
 		"-m", "mark", "!", "--mark", soccrMark,
 		"-m", "comment", "--comment", fmt.Sprintf("%s:%d", holdComment, q),
 		"-j", "NFQUEUE", "--queue-num", fmt.Sprint(q),

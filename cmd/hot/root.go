@@ -9,6 +9,9 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// annotateRecover marks commands before which interrupted updates are recovered.
+const annotateRecover = "hot.recover-updates"
+
 // globalOptions holds the persistent flags shared by every command.
 type globalOptions struct {
 	root     string // state root (images, containers)
@@ -34,6 +37,9 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 				return usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", opts.logLevel)}
 			}
 			opts.logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			if cmd.Annotations[annotateRecover] != "" {
+				return recoverInterrupted(cmd, opts, args)
+			}
 			return nil
 		},
 	}
@@ -54,8 +60,15 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newManCmd(root),
 		newImageCmd(opts),
 	)
-	root.AddCommand(containerCommands(opts)...)
-	root.AddCommand(checkpointCommands(opts)...)
+	// Commands acting on containers first finish updates a killed hot left behind.
+	for _, group := range [][]*cobra.Command{containerCommands(opts), checkpointCommands(opts), updateCommands(opts)} {
+		for _, c := range group {
+			if !c.Hidden {
+				c.Annotations = map[string]string{annotateRecover: "1"}
+			}
+			root.AddCommand(c)
+		}
+	}
 	return root
 }
 

@@ -12,6 +12,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -57,7 +58,11 @@ func main() {
 		log.Info("took over after re-exec", "count", n, "connections", len(inherited))
 	} else {
 		var err error
-		if ln, err = net.Listen("tcp", *addr); err != nil {
+		// Plain TCP: Go listens with MPTCP by default where the kernel has it, and CRIU cannot
+		// checkpoint MPTCP sockets ("inet: Unsupported proto 262").
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
+		if ln, err = lc.Listen(context.Background(), "tcp", *addr); err != nil {
 			log.Error("listen", "addr", *addr, "err", err)
 			os.Exit(1)
 		}

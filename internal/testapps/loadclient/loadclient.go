@@ -28,6 +28,9 @@ type Report struct {
 	// Regressions counts answers whose value was not above the previous answer on the same
 	// connection: the server's state went backwards (lost).
 	Regressions int
+	// Versions counts answers per server version, for servers that say theirs ("demo v2 …").
+	Versions    map[string]int
+	LastVersion string   // version in the latest answer
 	LocalAddrs  []string // each client's local address (the connection identity)
 	PerClient   []int    // answered requests per client, in LocalAddrs order
 }
@@ -84,7 +87,7 @@ func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Durat
 	first := true
 	for ctx.Err() == nil {
 		t0 := time.Now()
-		v, err := request(c, br)
+		v, ver, err := request(c, br)
 		gap := time.Since(t0)
 		if ctx.Err() != nil {
 			break // stopped mid-request: not a failure
@@ -105,6 +108,13 @@ func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Durat
 			if v <= prev {
 				l.rep.Regressions++
 			}
+			if ver != "" {
+				if l.rep.Versions == nil {
+					l.rep.Versions = map[string]int{}
+				}
+				l.rep.Versions[ver]++
+				l.rep.LastVersion = ver
+			}
 			prev = v
 		}
 		l.mu.Unlock()
@@ -124,29 +134,51 @@ func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Durat
 	}
 }
 
-func request(c net.Conn, br *bufio.Reader) (int64, error) {
+func request(c net.Conn, br *bufio.Reader) (int64, string, error) {
 	c.SetDeadline(time.Now().Add(60 * time.Second))
 	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: counter\r\n\r\n"); err != nil {
-		return 0, fmt.Errorf("send: %w", err)
+		return 0, "", fmt.Errorf("send: %w", err)
 	}
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
-		return 0, fmt.Errorf("read answer: %w", err)
+		return 0, "", fmt.Errorf("read answer: %w", err)
 	}
 	body, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if err != nil {
-		return 0, fmt.Errorf("read body: %w", err)
+		return 0, "", fmt.Errorf("read body: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("status %s", resp.Status)
+		return 0, "", fmt.Errorf("status %s", resp.Status)
 	}
-	// httpcount answers "count N".
-	v, err := strconv.ParseInt(strings.TrimPrefix(strings.TrimSpace(string(body)), "count "), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("answer %q is not a counter value", body)
+	return parseAnswer(string(body))
+}
+
+// parseAnswer reads a counter answer: httpcount's "count N" or the demo app's
+// "demo VERSION count=N pid=P".
+func parseAnswer(body string) (int64, string, error) {
+	f := strings.Fields(body)
+	for i, w := range f {
+		var num string
+		switch {
+		case w == "count" && i+1 < len(f):
+			num = f[i+1]
+		case strings.HasPrefix(w, "count="):
+			num = strings.TrimPrefix(w, "count=")
+		default:
+			continue
+		}
+		v, err := strconv.ParseInt(num, 10, 64)
+		if err != nil {
+			break
+		}
+		ver := ""
+		if len(f) > 1 && f[0] == "demo" {
+			ver = f[1]
+		}
+		return v, ver, nil
 	}
-	return v, nil
+	return 0, "", fmt.Errorf("answer %q is not a counter value", body)
 }
 
 // Snapshot returns the report so far.
@@ -157,6 +189,13 @@ func (l *Load) Snapshot() Report {
 	r.Errors = append([]string(nil), r.Errors...)
 	r.LocalAddrs = append([]string(nil), r.LocalAddrs...)
 	r.PerClient = append([]int(nil), r.PerClient...)
+	if r.Versions != nil {
+		vs := make(map[string]int, len(r.Versions))
+		for k, v := range r.Versions {
+			vs[k] = v
+		}
+		r.Versions = vs
+	}
 	return r
 }
 
