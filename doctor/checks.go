@@ -16,6 +16,7 @@ import (
 
 	"github.com/hotctl/hot/criubin"
 	"github.com/hotctl/hot/isolation/seccompbpf"
+	"github.com/hotctl/hot/sockets"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,6 +39,7 @@ func builtinCheckers() []Checker {
 		{Name: "pipe-max-size", Run: checkPipeMax},
 		{Name: "btf", Run: checkBTF},
 		{Name: "seccomp", Run: checkSeccomp},
+		{Name: "packet-hold", Run: checkPacketHold},
 	}
 }
 
@@ -383,4 +385,13 @@ func checkSeccomp(ctx context.Context, _ *Options) Result {
 		return missing("a kernel with CONFIG_SECCOMP_FILTER; until then run containers with --security-opt seccomp=unconfined", "%v", err)
 	}
 	return ok("seccomp filters with ERRNO, KILL_PROCESS and LOG actions: containers get Docker's default profile")
+}
+
+// checkPacketHold tries holding packets in a scratch netns (package sockets). Without it hot
+// update falls back to CRIU's network lock, whose dropped packets cost clients a retransmission.
+func checkPacketHold(ctx context.Context, _ *Options) Result {
+	if err := sockets.HoldSupported(ctx); err != nil {
+		return limited("hot update falls back to CRIU's network lock (drops packets: clients wait for a TCP retransmission, >= 200 ms); see docs/hold.md", "%v", err)
+	}
+	return ok("NFQUEUE hold works: packets are held during the pause and released after restore, no retransmission penalty")
 }
