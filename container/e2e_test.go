@@ -346,6 +346,18 @@ func TestKillRecordsSignalAndCommandExit(t *testing.T) {
 	}
 	e.mustHot("rm", "k", "x")
 
+	// stop: a PID 1 that ignores SIGTERM is killed after the timeout.
+	e.mustHot("run", "-d", "--name", "deaf", "--network", "none", appImage, "sleep", "600")
+	start := time.Now()
+	e.mustHot("stop", "-t", "1", "deaf")
+	if d := time.Since(start); d < time.Second || d > 8*time.Second {
+		t.Errorf("stop -t 1 of a container ignoring SIGTERM took %v", d)
+	}
+	if c := e.inspect("deaf"); c.Exit == nil || c.Exit.Code != 137 {
+		t.Errorf("deaf: exit %+v, want 137 (SIGKILL); log:\n%s", c.Exit, e.mustHot("logs", "deaf"))
+	}
+	e.mustHot("rm", "deaf")
+
 	// Attached run prints the container's output.
 	if out := e.mustHot("run", "--name", "y", "--network", "none", "-e", "MARK=attached", appImage, "env"); !strings.Contains(out, "MARK=attached") {
 		t.Errorf("attached run output:\n%s", out)

@@ -12,6 +12,7 @@
 //	httpcount env                     print the environment
 //	httpcount hostname                print the host name
 //	httpcount cat FILE                print a file (e.g. /proc/self/cgroup)
+//	httpcount sleep SECS              sleep, ignoring SIGTERM (tests stop's SIGKILL fallback)
 package main
 
 import (
@@ -27,6 +28,7 @@ import (
 	"strconv"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 func main() {
@@ -116,6 +118,11 @@ func sub(args []string) int {
 		for _, e := range os.Environ() {
 			fmt.Println(e)
 		}
+		return 0
+	case "sleep":
+		signal.Ignore(syscall.SIGTERM)
+		secs, _ := strconv.Atoi(args[len(args)-1])
+		time.Sleep(time.Duration(secs) * time.Second)
 		return 0
 	case "cat":
 		if len(args) != 2 {
