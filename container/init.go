@@ -53,6 +53,13 @@ const ExecCommand = "__exec"
 // privileges in the init's order and execs the command. It only returns on failure.
 func ExecMain(specFd int) error {
 	runtime.LockOSThread() // never unlocked: this thread execs the command
+	// The container's processes run as root too. Once this process has dropped to the
+	// container's capabilities, the kernel would let them ptrace it or open /proc/<pid>/exe,
+	// which is the hot binary on the host (runc's CVE-2019-5736). Not dumpable, /proc/<pid>
+	// needs CAP_SYS_PTRACE; execve makes the command dumpable again.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		return fmt.Errorf("container exec: set non-dumpable: %w", err)
+	}
 	f := os.NewFile(uintptr(specFd), "exec-spec")
 	data, err := io.ReadAll(f)
 	f.Close()
