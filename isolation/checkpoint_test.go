@@ -40,8 +40,9 @@ func bridgeFlags(t *testing.T) []string {
 	return []string{"--bridge", bridge, "--subnet", fmt.Sprintf("10.196.%d.0/24", 10+int(b[0])%240)}
 }
 
-// TestIsolationSurvivesCheckpointRestore: after hot checkpoint and hot restore (and hot update,
-// once it exists), the container's PID 1 has the same capabilities, no_new_privs and seccomp
+// TestIsolationSurvivesCheckpointRestore: after hot checkpoint and hot restore, checkpoint
+// --leave-running and hot update (each skipped while the command is not in the build), the
+// container's PID 1 has the same capabilities, no_new_privs and seccomp
 // filter on every thread, and the restored process itself still cannot mount, load BPF, open
 // raw sockets, reboot or set the clock.
 func TestIsolationSurvivesCheckpointRestore(t *testing.T) {
