@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -147,7 +148,15 @@ func RunMonitor(ctx context.Context, o MonitorOptions) error {
 	}
 	sock := m.p.socket(o.ID)
 	os.Remove(sock)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	addr, done, err := sockAddr(sock)
+	if err != nil {
+		return fail(fmt.Errorf("monitor: %w", err))
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: addr, Net: "unix"})
+	done()
+	if ln != nil {
+		ln.SetUnlinkOnClose(false) // removed by path below; the short alias is gone by then
+	}
 	if err != nil {
 		return fail(fmt.Errorf("monitor: listen on %s: %w", sock, err))
 	}
@@ -465,7 +474,12 @@ func (m *Monitor) handle(ctx context.Context, req Request) Response {
 // callMonitor sends one request to a container's monitor.
 func callMonitor(ctx context.Context, sock string, req Request) (*Response, error) {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", sock)
+	addr, done, err := sockAddr(sock)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := d.DialContext(ctx, "unix", addr)
+	done()
 	if err != nil {
 		return nil, fmt.Errorf("reach monitor at %s: %w", sock, err)
 	}
@@ -532,4 +546,18 @@ func (m *Monitor) waitOutput(d time.Duration) {
 	case <-done:
 	case <-time.After(d):
 	}
+}
+
+// sockAddr returns an address for the unix socket at path that fits sun_path (108 bytes): the
+// path itself, or /proc/self/fd/N/NAME through a descriptor of its directory when a deep
+// --run-root makes it too long. Call done once bound or connected.
+func sockAddr(path string) (addr string, done func(), err error) {
+	if len(path) < 100 {
+		return path, func() {}, nil
+	}
+	fd, err := unix.Open(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", nil, fmt.Errorf("open socket dir of %s: %w", path, err)
+	}
+	return fmt.Sprintf("/proc/self/fd/%d/%s", fd, filepath.Base(path)), func() { unix.Close(fd) }, nil
 }

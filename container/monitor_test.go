@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,8 +21,10 @@ import (
 // record an adopted process's exit in exit.json and answer `wait`.
 func TestMonitorOpsForRestore(t *testing.T) {
 	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+	// A run root deep enough that the socket path does not fit sun_path (108 bytes).
 	dir := t.TempDir()
-	o := MonitorOptions{Root: filepath.Join(dir, "root"), RunRoot: filepath.Join(dir, "run"), ID: "m1", NoStart: true}
+	deep := filepath.Join(dir, "run", strings.Repeat("d", 60), strings.Repeat("e", 40))
+	o := MonitorOptions{Root: filepath.Join(dir, "root"), RunRoot: deep, ID: "m1", NoStart: true}
 	p := paths{o.Root, o.RunRoot}
 	if err := os.MkdirAll(p.dir(o.ID), 0o700); err != nil {
 		t.Fatal(err)
