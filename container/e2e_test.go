@@ -294,8 +294,25 @@ func TestContainerLifecycle(t *testing.T) {
 		t.Errorf("duplicate name: exit %d, stderr %q", r.ExitCode, r.Stderr)
 	}
 
-	// stop records the exit code; rm leaves nothing behind.
+	// logs -f follows until the container exits; stop records the exit code; rm leaves nothing.
+	follow := exec.Command(testutil.HotBinary(t), e.args("logs", "-f", "web")...)
+	var followOut strings.Builder
+	follow.Stdout = &followOut
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	followDone := make(chan error, 1)
+	go func() { followDone <- follow.Wait() }()
 	e.mustHot("stop", "web")
+	select {
+	case err := <-followDone:
+		if err != nil || !strings.Contains(followOut.String(), "request 4 GET") || !strings.Contains(followOut.String(), "terminated, exiting") {
+			t.Errorf("logs -f: %v, output:\n%s", err, followOut.String())
+		}
+	case <-time.After(10 * time.Second):
+		follow.Process.Kill()
+		t.Error("logs -f still running 10s after the container stopped")
+	}
 	c = e.inspect("web")
 	if c.Status != container.StatusExited || c.Exit == nil || c.Exit.Code != 0 {
 		t.Errorf("after stop: status %s exit %+v", c.Status, c.Exit)
