@@ -214,7 +214,6 @@ func setReadBuffer(nf *nfqueue.Nfqueue, n int) error {
 // with the first iptables backend that accepts an NFQUEUE target (only the legacy one if
 // onlyLegacy).
 func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
-	spec := holdRuleSpec(h.queue)
 	tools := allTools()
 	var failures []string
 	backends := []bool{false, true}
@@ -230,6 +229,7 @@ func (h *Holder) installRules(ctx context.Context, onlyLegacy bool) error {
 				continue
 			}
 			for _, chain := range holdChains() {
+				spec := holdRuleSpec(h.queue, chain)
 				args := append([]string{"-w", "-t", holdTable, "-I", chain, "1"}, spec...)
 				if _, err := runIn(ctx, h.netnsPath, "", t.Cmd, args...); err != nil {
 					failures = append(failures, err.Error())

@@ -284,7 +284,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 	srv := startEchoServer(t, n)
 	c := dialClient(t, srv.Addr)
 	roundTrips(t, c, 3)
-	args := append([]string{"-w", "-I", "INPUT", "1"}, holdRuleSpec(47123)...)
+	args := append([]string{"-w", "-t", holdTable, "-I", "PREROUTING", "1"}, holdRuleSpec(47123, "PREROUTING")...)
 	if _, err := runIn(context.Background(), n.Path, "", "iptables", args...); err != nil {
 		t.Fatal(err)
 	}

@@ -33,15 +33,21 @@ const holdTable = "raw"
 // holdChains are the chains of holdTable that get a hold rule.
 func holdChains() []string { return []string{"PREROUTING", "OUTPUT"} }
 
-// holdRuleSpec returns the iptables arguments (after -I/-D CHAIN) of the hold rule for queue q.
-// Deliberately no --queue-bypass: if the reader is gone, packets are dropped (the client
-// retransmits) instead of reaching a socket that is being restored and answering with RST.
+// holdRuleSpec returns the iptables arguments (after -I/-D CHAIN) of the hold rule for queue q
+// in chain (PREROUTING or OUTPUT). Deliberately no --queue-bypass: if the reader is gone,
+// packets are dropped (the client retransmits) instead of reaching a socket that is being
+// restored and answering with RST.
 //
 // Loopback traffic is not held: inside the namespace it is the container talking to itself
-// or hot's own health probe, both of which must go on while client packets wait.
-func holdRuleSpec(q uint16) []string {
+// or hot's own health probe, both of which must go on while client packets wait. PREROUTING
+// matches the input interface, OUTPUT the output interface (iptables refuses -i in OUTPUT).
+func holdRuleSpec(q uint16, chain string) []string {
+	iface := "-i"
+	if chain == "OUTPUT" {
+		iface = "-o"
+	}
 	return []string{
-		"!", "-i", "lo",
+		"!", iface, "lo",
 		"-m", "mark", "!", "--mark", soccrMark,
 		"-m", "comment", "--comment", fmt.Sprintf("%s:%d", holdComment, q),
 		"-j", "NFQUEUE", "--queue-num", fmt.Sprint(q),

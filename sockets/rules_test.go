@@ -68,16 +68,18 @@ func TestParseSave(t *testing.T) {
 
 func TestHoldRuleSpecRoundTrip(t *testing.T) {
 	// What we install must be what Cleanup recognises once iptables-save prints it back.
-	line := "-A OUTPUT"
-	for _, w := range holdRuleSpec(50000) {
-		line += " " + w
-	}
-	rules, _ := parseSave("*" + holdTable + "\n:OUTPUT ACCEPT [0:0]\n" + line + "\nCOMMIT\n")
-	if len(rules) != 1 || !isHoldRule(rules[0]) || isCRIURule(rules[0]) {
-		t.Fatalf("installed rule %q not recognised as a hold rule: %+v", line, rules)
-	}
-	if slices.Contains(holdRuleSpec(1), "--queue-bypass") {
-		t.Fatal("hold rule must not bypass the queue: packets would reach a socket being restored")
+	for _, chain := range holdChains() {
+		line := "-A " + chain
+		for _, w := range holdRuleSpec(50000, chain) {
+			line += " " + w
+		}
+		rules, _ := parseSave("*" + holdTable + "\n:" + chain + " ACCEPT [0:0]\n" + line + "\nCOMMIT\n")
+		if len(rules) != 1 || !isHoldRule(rules[0]) || isCRIURule(rules[0]) {
+			t.Fatalf("installed rule %q not recognised as a hold rule: %+v", line, rules)
+		}
+		if slices.Contains(holdRuleSpec(1, chain), "--queue-bypass") {
+			t.Fatal("hold rule must not bypass the queue: packets would reach a socket being restored")
+		}
 	}
 }
 

@@ -84,6 +84,12 @@ func holdProbe(ctx context.Context) error {
 		return err
 	}
 	defer h.Close()
+	// The hold rules leave loopback alone, and the probe can only talk over loopback: queue
+	// that too, for the probe (the scratch namespace and its rules go away afterwards).
+	probeRule := []string{"-w", "-t", holdTable, "-I", "PREROUTING", "1", "-i", "lo", "-j", "NFQUEUE", "--queue-num", fmt.Sprint(h.Queue())}
+	if _, err := runIn(ctx, path, "", h.rules[0].tool.Cmd, probeRule...); err != nil {
+		return &NotSupportedError{Missing: "NFQUEUE target", Fix: "a kernel with CONFIG_NETFILTER_XT_TARGET_NFQUEUE", Err: err}
+	}
 	// Sockets created on this thread live in the scratch namespace.
 	rx, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
