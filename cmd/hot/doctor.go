@@ -46,8 +46,3 @@ Exit status: 0 when 'hot update' can work on this host, 1 when a capability it n
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
 	return cmd
 }
-
-// doctorExtraChecks adds the checks that live in feature packages (BPF, livepatch).
-func doctorExtraChecks() []doctor.Checker {
-	return []doctor.Checker{livepatchDoctorCheck()}
-}

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,7 +8,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/hotctl/hot/doctor"
 	"github.com/hotctl/hot/livepatch"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -358,21 +355,4 @@ func isTerminal(w io.Writer) bool {
 	}
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
-}
-
-// livepatchDoctorCheck is the `hot doctor` line for kernel livepatch.
-func livepatchDoctorCheck() doctor.Checker {
-	return doctor.Checker{Name: "kernel livepatch", Run: func(ctx context.Context, _ *doctor.Options) doctor.Result {
-		err := livepatch.Supported()
-		var nse *livepatch.NotSupportedError
-		switch {
-		case err == nil:
-			return doctor.Result{Status: doctor.OK, Detail: "module loading and /sys/kernel/livepatch present: 'hot livepatch load' works"}
-		case errors.As(err, &nse):
-			return doctor.Result{Status: doctor.Missing, Detail: strings.Join(nse.Reasons, "; "),
-				Fix: "boot a kernel with CONFIG_MODULES and CONFIG_LIVEPATCH (e.g. Debian's linux-image-amd64); the VM test covers it here"}
-		default:
-			return doctor.Result{Status: doctor.Missing, Detail: err.Error()}
-		}
-	}}
 }
