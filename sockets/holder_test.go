@@ -16,6 +16,11 @@ import (
 // and below the 200 ms minimum retransmission timeout, so that holding shows no retransmission.
 const pause = 150 * time.Millisecond
 
+// slack is how much longer than the pause a held request may take to be answered: far above
+// the sub-millisecond release measured on an idle host (the 2 cores are shared with other test
+// suites), below the 200 ms a retransmission costs.
+const slack = 120 * time.Millisecond
+
 func newTestHolder(t testing.TB, n *testNet) *Holder {
 	t.Helper()
 	return newTestHolderOpts(t, n, HoldOptions{})
@@ -106,7 +111,7 @@ func TestHoldThenRelease(t *testing.T) {
 	if r.Retransmits != 0 {
 		t.Errorf("client retransmitted %d segments during a %v hold, want 0", r.Retransmits, pause)
 	}
-	if r.AfterRelease > 100*time.Millisecond {
+	if r.AfterRelease > slack {
 		t.Errorf("answer came %v after release: not released promptly", r.AfterRelease)
 	}
 	if _, err := c.roundTrip(2 * time.Second); err != nil {
@@ -148,7 +153,7 @@ func TestHoldVersusDrop(t *testing.T) {
 		if holdWait >= dropWait {
 			t.Errorf("holding did not shorten the client's wait: held %v, dropped %v", holdWait, dropWait)
 		}
-		if holdWait > p+100*time.Millisecond {
+		if holdWait > p+slack {
 			t.Errorf("held request answered %v after it was sent, pause was %v", holdWait, p)
 		}
 	}
@@ -401,7 +406,7 @@ func TestHoldLegacyBackend(t *testing.T) {
 		t.Fatalf("backend %q, want iptables-legacy", got)
 	}
 	r := holdCycle(t, h, c, func(int) { time.Sleep(pause) })
-	if r.Retransmits != 0 || r.Stats.Packets < 1 || r.Wait > pause+100*time.Millisecond {
+	if r.Retransmits != 0 || r.Stats.Packets < 1 || r.Wait > pause+slack {
 		t.Errorf("legacy hold: %+v", r)
 	}
 	t.Logf("legacy backend: pause %v held, client waited %v, %d packets held", pause, r.Wait.Round(time.Millisecond), r.Stats.Packets)
