@@ -365,6 +365,12 @@ func TestKillRecordsSignalAndCommandExit(t *testing.T) {
 
 	// stop: a PID 1 that ignores SIGTERM is killed after the timeout.
 	e.mustHot("run", "-d", "--name", "deaf", "--network", "none", appImage, "sleep", "600")
+	deafPid := e.inspect("deaf").Pid
+	for deadline := time.Now().Add(10 * time.Second); !ignoresSIGTERM(deafPid); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("httpcount sleep never ignored SIGTERM")
+		}
+	}
 	start := time.Now()
 	e.mustHot("stop", "-t", "1", "deaf")
 	if d := time.Since(start); d < time.Second || d > 8*time.Second {
@@ -395,6 +401,21 @@ func TestKillRecordsSignalAndCommandExit(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	e.mustHot("rm", "-f", "lo")
+}
+
+// ignoresSIGTERM reads the SigIgn mask of pid.
+func ignoresSIGTERM(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "SigIgn:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && mask&(1<<(uint(syscall.SIGTERM)-1)) != 0
+		}
+	}
+	return false
 }
 
 // TestConcurrentCommands: racing runs with one name create one container; racing removals
