@@ -221,7 +221,8 @@ func (s *criuServer) startDump(mode, lock string) *exec.Cmd {
 	return cmd
 }
 
-// waitForCRIULock returns once CRIU's nftables lock table exists in the netns.
+// waitForCRIULock returns once CRIU's nftables lock drops input in the netns (CRIU creates
+// the table first and adds its chains in separate steps).
 func (s *criuServer) waitForCRIULock() {
 	s.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -231,10 +232,13 @@ func (s *criuServer) waitForCRIULock() {
 			s.t.Fatal(err)
 		}
 		if len(tables) > 0 {
-			return
+			out, err := runIn(context.Background(), s.net.Path, "", "nft", "list", "table", tables[0])
+			if err == nil && strings.Contains(out, "hook input") && strings.Contains(out, "0x0000c114") {
+				return
+			}
 		}
 		if time.Now().After(deadline) {
-			s.t.Fatal("CRIU's network lock table never appeared")
+			s.t.Fatal("CRIU's network lock never appeared")
 		}
 		time.Sleep(2 * time.Millisecond)
 	}

@@ -8,19 +8,20 @@
 // CRIU's network lock drops every packet during the pause, so each client that sent something
 // waits for its TCP retransmission timer (at least 200 ms, doubling): the gap it sees is the
 // pause rounded up to its next retransmission. A Holder instead puts iptables NFQUEUE rules at
-// the top of the namespace's raw PREROUTING and OUTPUT chains (IPv4 and IPv6) and reads the
-// queue from this process. Outside a hold it accepts every packet at once (about 20-50 µs per
-// packet on the reference host). Hold withholds the verdicts on incoming packets, so they wait
-// in the kernel, and drops outgoing ones as CRIU's lock does; Release accepts the held packets,
-// in arrival order, with one batch verdict (well under a millisecond) and the clients see a
-// gap equal to the pause. Run CRIU with --network-lock skip while a Holder is open. Why raw
-// PREROUTING (early demux) and why outgoing packets are dropped (TCP timestamps of sockets in
-// repair mode) is explained at holdTable and in docs/hold.md.
+// the top of the namespace's raw PREROUTING and OUTPUT chains (IPv4 and IPv6; loopback left
+// alone) and reads the queue from this process. Outside a hold it accepts every packet at once
+// (about 20-40 µs per packet on the reference host). Hold withholds the verdicts on incoming
+// packets, so they wait in the kernel, and drops outgoing TCP segments that carry no new data
+// (CRIU's lock drops all outgoing packets; new data the still-running application sends goes
+// out). Release accepts the held packets, in arrival order, with one batch verdict (well under
+// a millisecond) and the clients see a gap equal to the pause. Run CRIU with --network-lock
+// skip while a Holder is open. Why raw PREROUTING (early demux) and why those outgoing
+// segments are dropped (TCP timestamps of sockets in repair mode) is explained at holdTable
+// and in docs/hold.md.
 //
 // The rule has no --queue-bypass: if the reader is gone (hot crashed), packets are dropped and
 // the client retransmits, rather than reaching a socket that is being restored and getting a
 // reset. Packets beyond the queue length (HoldOptions.MaxQueueLen) are dropped the same way.
-// What the application sends between Hold and the freeze is dropped and resent after restore.
 // Rules carry the comment "hot-hold:QUEUE"; Cleanup removes leftovers after a crash, and
 // HoldRules lists them. Close while holding drops the held packets; call Release first.
 //

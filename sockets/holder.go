@@ -68,8 +68,10 @@ type Stats struct {
 // Holder queues the packets of one network namespace to a reader in this process. Outside a
 // hold every packet is accepted at once. During a hold the verdicts on incoming packets are
 // withheld, so they wait in the kernel instead of being dropped, and Release lets them all
-// through in arrival order; outgoing packets are dropped meanwhile, as CRIU's lock does (see
-// holdTable for why). Methods are safe for concurrent use.
+// through in arrival order; outgoing TCP segments that carry no new data (retransmissions,
+// probes, ACKs) are dropped meanwhile, as CRIU's lock drops all (see holdTable for why), while
+// new data the application sends before it is frozen goes out. Methods are safe for
+// concurrent use.
 type Holder struct {
 	netnsPath string
 	queue     uint16
@@ -82,6 +84,7 @@ type Holder struct {
 	done      chan struct{} // closed by Close
 
 	mu         sync.Mutex
+	sent       sentTracker // highest sequence sent per outgoing TCP flow
 	holding    bool
 	holdStart  time.Time
 	firstHeld  time.Time
@@ -122,7 +125,7 @@ func NewHolder(ctx context.Context, netnsPath string, opts HoldOptions) (*Holder
 	if log == nil {
 		log = slog.Default()
 	}
-	h := &Holder{netnsPath: netnsPath, log: log, done: make(chan struct{})}
+	h := &Holder{netnsPath: netnsPath, log: log, done: make(chan struct{}), sent: sentTracker{}}
 	if err := h.startReader(opts); err != nil {
 		return nil, err
 	}
@@ -163,8 +166,8 @@ func (h *Holder) startReader(opts HoldOptions) error {
 			NetNS:        int(f.Fd()),
 			NfQueue:      q,
 			MaxQueueLen:  opts.MaxQueueLen,
-			MaxPacketLen: 0,
-			Copymode:     nfqueue.NfQnlCopyMeta,
+			MaxPacketLen: headerBytes,
+			Copymode:     nfqueue.NfQnlCopyPacket,
 			Flags:        nfqueue.NfQaCfgFlagGSO, // no segmentation of GSO packets for us; never fail-open
 			AfFamily:     unix.AF_INET,
 			WriteTimeout: time.Second,
@@ -276,9 +279,21 @@ func (h *Holder) onPacket(a nfqueue.Attribute) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if a.Hook != nil && *a.Hook == hookLocalOut {
+		fresh := true
+		if a.Payload != nil {
+			total := len(*a.Payload)
+			if a.CapLen != nil {
+				total = int(*a.CapLen)
+			}
+			if seg, ok := parseSegment(*a.Payload, total); ok {
+				fresh = h.sent.observe(seg)
+			}
+		}
 		verdict := nfqueue.NfAccept
-		if h.holding {
-			// Sent by a socket being dumped (see holdTable): dropped, as CRIU's lock does.
+		if h.holding && !fresh {
+			// Nothing new: a retransmission, probe or ACK, possibly from a socket being
+			// dumped, with a timestamp newer than CRIU saves (see holdTable). Dropped, as
+			// CRIU's lock does. New data (the application still ran) goes out.
 			verdict = nfqueue.NfDrop
 			h.outDropped++
 		} else {
@@ -326,10 +341,8 @@ func (h *Holder) onError(err error) int {
 	return 1
 }
 
-// Hold starts withholding verdicts: from now on incoming packets wait in the kernel queue and
-// outgoing packets (other than CRIU's repair traffic) are dropped. Call it right before the
-// freeze: what the application sends between Hold and the freeze is dropped too, and its
-// socket resends it after restore.
+// Hold starts withholding verdicts: from now on incoming packets wait in the kernel queue, and
+// outgoing TCP segments with no new data are dropped. Call it right before the freeze.
 func (h *Holder) Hold() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()

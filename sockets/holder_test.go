@@ -3,7 +3,9 @@ package sockets
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -415,4 +417,70 @@ func TestHoldLegacyBackend(t *testing.T) {
 	}
 	assertNoHoldRules(t, n)
 	roundTrips(t, c, 2)
+}
+
+// While holding, the application may still run (Hold comes just before the freeze): new data it
+// sends goes out, while retransmissions — what a socket being dumped would send with a too
+// new TCP timestamp — are dropped. Nothing is lost: after Release the stream continues.
+func TestHoldPassesNewDataDropsRetransmissions(t *testing.T) {
+	n := newTestNet(t)
+	var ln net.Listener
+	inNetns(t, n.Path, func() (err error) {
+		ln, err = net.Listen("tcp4", net.JoinHostPort(n.NsIP.String(), "0"))
+		return err
+	})
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		for i := 1; ; i++ {
+			if _, err := fmt.Fprintf(c, "tick %d\n", i); err != nil {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	h := newTestHolder(t, n)
+	c := dialClient(t, netip.MustParseAddrPort(ln.Addr().String()))
+	next := 1
+	readTicks := func(d time.Duration) int {
+		t.Helper()
+		got := 0
+		deadline := time.Now().Add(d)
+		for {
+			c.conn.SetReadDeadline(deadline)
+			line, err := c.r.ReadString('\n')
+			if err != nil {
+				return got
+			}
+			if want := fmt.Sprintf("tick %d\n", next); line != want {
+				t.Fatalf("got %q, want %q: the stream lost or reordered data", line, want)
+			}
+			next++
+			got++
+		}
+	}
+	readTicks(100 * time.Millisecond)
+	if err := h.Hold(); err != nil {
+		t.Fatal(err)
+	}
+	during := readTicks(500 * time.Millisecond)
+	st, err := h.Release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := readTicks(time.Second)
+	t.Logf("hold 500 ms: %d ticks received during the hold, %d outgoing segments dropped, %d incoming held; %d ticks in the second after", during, st.OutputDropped, st.Packets, after)
+	if during < 3 {
+		t.Errorf("only %d ticks arrived during the hold: new data from a running application must pass", during)
+	}
+	if st.OutputDropped < 1 {
+		t.Errorf("no outgoing segment dropped: the server's retransmission (its ACKs were held for 500 ms) went out")
+	}
+	if after < 10 {
+		t.Errorf("only %d ticks in the second after release", after)
+	}
 }

@@ -21,8 +21,8 @@ const soccrMark = "0xc114"
 // it would be handed to that old, closed socket and silently discarded, costing the client a
 // retransmission. Queued in PREROUTING it is matched to the restored socket when released.
 //
-// Outgoing packets are queued in OUTPUT so that, during a hold, the reader can drop them as
-// CRIU's own lock does. The dumped sockets are still in the kernel while CRIU works, and a
+// Outgoing packets are queued in OUTPUT so that, during a hold, the reader can drop those that
+// carry no new data (CRIU's own lock drops all). The dumped sockets are still in the kernel while CRIU works, and a
 // socket in TCP repair mode still fires its retransmission timer: such a segment carries a TCP
 // timestamp newer than the one CRIU saved, the client takes it as its latest, and after
 // restore rejects the restored socket's segments as old (PAWS) until the restored clock has

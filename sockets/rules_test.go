@@ -114,3 +114,59 @@ func TestNotSupportedError(t *testing.T) {
 		t.Errorf("message %q, want %q", got, want)
 	}
 }
+
+// tcp4 builds an IPv4/TCP header (no options) for seq with flags and payload bytes.
+func tcp4(seq uint32, flags byte, payload int) ([]byte, int) {
+	pkt := make([]byte, 40)
+	pkt[0] = 0x45
+	pkt[9] = 6
+	copy(pkt[12:16], []byte{10, 0, 0, 2})
+	copy(pkt[16:20], []byte{10, 0, 0, 1})
+	pkt[20], pkt[21] = 0x1f, 0x90 // sport 8080
+	pkt[22], pkt[23] = 0xc3, 0x50 // dport 50000
+	pkt[24], pkt[25], pkt[26], pkt[27] = byte(seq>>24), byte(seq>>16), byte(seq>>8), byte(seq)
+	pkt[32] = 5 << 4
+	pkt[33] = flags
+	return pkt, 40 + payload
+}
+
+func TestSentTracker(t *testing.T) {
+	tr := sentTracker{}
+	const ack, psh, syn = 0x10, 0x18, 0x12
+	steps := []struct {
+		seq     uint32
+		flags   byte
+		payload int
+		fresh   bool
+		why     string
+	}{
+		{0xfffffff0, syn, 0, true, "SYN-ACK of a new flow"},
+		{0xfffffff1, psh, 8, true, "first data"},
+		{0xfffffff9, psh, 16, true, "more data, across the 2^32 wrap"},
+		{0xfffffff9, psh, 16, false, "retransmission"},
+		{0x00000009, ack, 0, false, "pure ACK"},
+		{0x00000008, ack, 1, false, "keepalive / window probe"},
+		{0xfffffff9, psh, 24, true, "retransmission with new data appended"},
+		{0x00000011, psh, 4, true, "new data after it"},
+	}
+	for _, st := range steps {
+		pkt, total := tcp4(st.seq, st.flags, st.payload)
+		seg, ok := parseSegment(pkt, total)
+		if !ok {
+			t.Fatalf("%s: not parsed", st.why)
+		}
+		if got := tr.observe(seg); got != st.fresh {
+			t.Errorf("%s: fresh = %v, want %v", st.why, got, st.fresh)
+		}
+	}
+	if seg, _ := parseSegment(func() []byte { p, _ := tcp4(1, ack, 0); return p }(), 40); seg.flow.src.String() != "10.0.0.2:8080" || seg.flow.dst.String() != "10.0.0.1:50000" {
+		t.Errorf("flow parsed as %v", seg.flow)
+	}
+	udp := []byte{0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1, 0, 53, 0, 53, 0, 8, 0, 0}
+	if _, ok := parseSegment(udp, len(udp)); ok {
+		t.Error("UDP parsed as TCP")
+	}
+	if _, ok := parseSegment([]byte{0x45, 0, 0}, 3); ok {
+		t.Error("truncated packet parsed")
+	}
+}
