@@ -47,6 +47,10 @@ type Generation struct {
 	LowerDirs []string      `json:"lowerDirs"` // bottom first, as given to cowfs.MountOverlay
 	Upper     string        `json:"upper"`
 	Work      string        `json:"work"`
+	// Published lists paths a hot update wrote into Upper on the image's behalf: files the
+	// processes held open that the new image changed (see package update). Their copies equal
+	// the image's own files, so the next update drops them instead of carrying them.
+	Published []string `json:"published,omitempty"`
 }
 
 // NetworkState records how the container is attached, and which network configuration to use

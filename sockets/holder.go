@@ -40,6 +40,10 @@ type HoldOptions struct {
 	// instead of iptables, which is tried first otherwise (nf_tables backend on Debian 12).
 	// The system's alternatives are never changed.
 	Legacy bool
+	// StartHolding makes the Holder hold from its first packet, as if Hold had been called
+	// before the rules went in: for callers that must not let a single packet through, e.g.
+	// a rollback after a crash, where the connections have no socket until the restore.
+	StartHolding bool
 	// Logger receives debug and warning messages; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -126,6 +130,9 @@ func NewHolder(ctx context.Context, netnsPath string, opts HoldOptions) (*Holder
 		log = slog.Default()
 	}
 	h := &Holder{netnsPath: netnsPath, log: log, done: make(chan struct{}), sent: sentTracker{}}
+	if opts.StartHolding {
+		h.holding, h.holdStart = true, time.Now()
+	}
 	if err := h.startReader(opts); err != nil {
 		return nil, err
 	}

@@ -18,6 +18,12 @@ import (
 // the way hides everything below it. It returns the host path of the winning entry, or
 // found=false when the merged view has no such path.
 func layerLookup(layers []string, p string) (hostPath string, found bool, err error) {
+	return layerLookupHiding(layers, nil, p)
+}
+
+// layerLookupHiding is layerLookup with some entries treated as absent: hidden maps a layer
+// directory to paths (as given to the lookup) that do not exist in it.
+func layerLookupHiding(layers []string, hidden map[string]map[string]bool, p string) (hostPath string, found bool, err error) {
 	rel := strings.TrimPrefix(filepath.Clean("/"+p), "/")
 	if rel == "" {
 		return "", false, fmt.Errorf("look up %q: not a file path", p)
@@ -44,6 +50,12 @@ func layerLookup(layers []string, p string) (hostPath string, found bool, err er
 			if isOpaque(dir) {
 				blocked = true
 			}
+		}
+		if hidden[layer]["/"+rel] {
+			if blocked {
+				return "", false, nil
+			}
+			continue
 		}
 		cand := filepath.Join(layer, rel)
 		fi, err := os.Lstat(cand)

@@ -94,7 +94,7 @@ func recoverLocked(ctx context.Context, mgr *container.Manager, store *cowfs.Sto
 	}
 	originalsAlive := len(pids) > 0 && st.Current == j.From && (j.Phase == phasePrepared || j.Phase == phaseDumping)
 	if !originalsAlive && j.Phase != phasePrepared {
-		return rollbackTo(ctx, mgr, store, st, j, criu, log)
+		return rollbackTo(ctx, mgr, store, st, j, criu, false, log)
 	}
 	// Nothing was dumped (or the dump was abandoned): the original processes run, maybe frozen.
 	if frozen, _ := cg.Frozen(); frozen {

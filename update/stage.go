@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/hotctl/hot/container"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,7 +24,7 @@ func (c Change) Removed() bool { return c.New == "" }
 
 // diffHeld returns the held files whose content at their path differs between the old view
 // (oldStack, bottom first, ending with the old upper) and the new view (newStack).
-func diffHeld(held []HeldFile, oldStack, newStack []string) ([]Change, error) {
+func diffHeld(held []HeldFile, oldStack, newStack []string, hidden map[string]map[string]bool) ([]Change, error) {
 	var out []Change
 	for _, h := range held {
 		oldPath, ok, err := layerLookup(oldStack, h.Path)
@@ -33,7 +34,7 @@ func diffHeld(held []HeldFile, oldStack, newStack []string) ([]Change, error) {
 		if !ok {
 			continue // not on the image stack (e.g. created then renamed away); CRIU handles it
 		}
-		newPath, ok, err := layerLookup(newStack, h.Path)
+		newPath, ok, err := layerLookupHiding(newStack, hidden, h.Path)
 		if err != nil {
 			return nil, err
 		}
@@ -217,6 +218,44 @@ func publishNew(changes []Change, mountedRoot string) error {
 		}
 		if err := copyFile(c.New, dst); err != nil {
 			return fmt.Errorf("publish new content of %s: %w", c.Path, err)
+		}
+	}
+	return nil
+}
+
+// redundantCopies returns the paths g.Published whose copy in g.Upper still equals g's image
+// content (the lookup through g.LowerDirs): copies an earlier update made on the image's
+// behalf, which a later generation must not carry as if the container had written them.
+func redundantCopies(g *container.Generation) (map[string]bool, error) {
+	out := map[string]bool{}
+	for _, p := range g.Published {
+		cp := hostPathIn(g.Upper, p)
+		if _, err := os.Lstat(cp); err != nil {
+			continue
+		}
+		orig, ok, err := layerLookup(g.LowerDirs, p)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			continue
+		}
+		same, err := sameFile(cp, orig)
+		if err != nil {
+			return nil, err
+		}
+		if same {
+			out[filepath.Clean("/"+p)] = true
+		}
+	}
+	return out, nil
+}
+
+// dropCopies removes redundant copies from an upper directory that is not mounted.
+func dropCopies(upper string, paths map[string]bool) error {
+	for p := range paths {
+		if err := os.Remove(hostPathIn(upper, p)); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("drop the image's copy of %s from %s: %w", p, upper, err)
 		}
 	}
 	return nil

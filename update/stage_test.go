@@ -89,7 +89,7 @@ func TestDiffStagePublish(t *testing.T) {
 	held := []HeldFile{{Path: "/bin/app", Exe: true}, {Path: "/lib/same.so"}, {Path: "/lib/dropped.so"}, {Path: "/etc/conf"}}
 	oldStack := []string{old, oldUpper}
 	newStack := []string{newL, oldUpper}
-	changes, err := diffHeld(held, oldStack, newStack)
+	changes, err := diffHeld(held, oldStack, newStack, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -320,7 +320,17 @@ func (u *updater) preflight(ctx context.Context, pick func(*container.State, *co
 		return fmt.Errorf("container %s: list open and mapped files: %w", st.Name, err)
 	}
 	oldStack := append(slices.Clone(u.cur.LowerDirs), u.cur.Upper)
-	if u.chg, err = diffHeld(held, oldStack, t.lowers); err != nil {
+	// Copies an earlier update put into the running upper on the image's behalf are dropped
+	// when that upper becomes a lower (swap); the new view must not see them.
+	var hidden map[string]map[string]bool
+	if slices.Contains(t.lowers, u.cur.Upper) {
+		red, err := redundantCopies(u.cur)
+		if err != nil {
+			return fmt.Errorf("container %s: %w", st.Name, err)
+		}
+		hidden = map[string]map[string]bool{u.cur.Upper: red}
+	}
+	if u.chg, err = diffHeld(held, oldStack, t.lowers, hidden); err != nil {
 		return fmt.Errorf("container %s: compare held files with the new generation: %w", st.Name, err)
 	}
 	for _, c := range u.chg {
@@ -396,6 +406,18 @@ func (u *updater) swap(ctx context.Context) error {
 	if err := unmount(st.Rootfs); err != nil {
 		return err
 	}
+	if slices.Contains(u.gen.LowerDirs, u.cur.Upper) {
+		red, err := redundantCopies(u.cur)
+		if err == nil {
+			err = dropCopies(u.cur.Upper, red)
+		}
+		if err != nil {
+			u.log.Warn("keep earlier update's copies", "error", err)
+		}
+		if g := generation(st, u.cur.N); g != nil {
+			g.Published = nil
+		}
+	}
 	if err := cowfs.MountOverlay(st.Rootfs, u.gen.LowerDirs, u.gen.Upper, u.gen.Work); err != nil {
 		// Put the old root back so rollback finds it.
 		if merr := cowfs.MountOverlay(st.Rootfs, u.cur.LowerDirs, u.cur.Upper, u.cur.Work); merr != nil {
@@ -452,6 +474,13 @@ func (u *updater) commit(ctx context.Context) {
 	st := u.st
 	u.releaseHold()
 	st.Image, st.ImageID = u.t.image, u.t.imageID
+	if g := generation(st, u.gen.N); g != nil {
+		for _, c := range u.chg {
+			if !c.Removed() {
+				g.Published = append(g.Published, c.Path)
+			}
+		}
+	}
 	if err := u.mgr.Save(st); err != nil {
 		u.log.Error("record committed state", "error", err)
 	}
@@ -474,7 +503,7 @@ func (u *updater) commit(ctx context.Context) {
 // failure after the dump: the images hold the processes as they were when frozen.
 func (u *updater) rollback(ctx context.Context, cause error) (*Summary, error) {
 	span := u.rec.Start("rollback")
-	err := rollbackTo(ctx, u.mgr, u.store, u.st, &u.j, u.o.CRIU, u.log)
+	err := rollbackTo(ctx, u.mgr, u.store, u.st, &u.j, u.o.CRIU, u.hold != nil, u.log)
 	u.releaseHold()
 	u.sum.Outcome, u.sum.Reason = "rolled-back", cause.Error()
 	if err != nil {
@@ -487,17 +516,41 @@ func (u *updater) rollback(ctx context.Context, cause error) (*Summary, error) {
 
 // rollbackTo puts the container back on generation j.From with the processes from the
 // images in j.ImagesDir. It works from the journal and the state alone, so Recover uses it too.
-func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store, st *container.State, j *journal, criu criubin.Binary, log *slog.Logger) error {
+//
+// Client packets must not reach the namespace while no process owns the connections (the
+// kernel would answer them with RST): unless the caller holds them already (holding), a
+// Holder holds them until the restore is done; if none can be installed, they are dropped by
+// the orphaned rules of a crashed hot or, failing that, meet no socket briefly.
+func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store, st *container.State, j *journal, criu criubin.Binary, holding bool, log *slog.Logger) error {
 	if _, err := os.Stat(filepath.Join(j.ImagesDir, "inventory.img")); err != nil {
 		return fmt.Errorf("no complete pre-update images in %s: %w", j.ImagesDir, err)
+	}
+	if !holding && st.Network.NetnsPath != "" {
+		// Our rules go on top of any a crashed hot left (those drop packets); once the
+		// processes are back, the held packets go through and every hold rule goes.
+		h, err := sockets.NewHolder(ctx, st.Network.NetnsPath, sockets.HoldOptions{StartHolding: true, Logger: log})
+		if err != nil {
+			log.Warn("rollback without holding packets", "error", err)
+		}
+		defer func() {
+			if h != nil {
+				h.Release()
+			}
+			sockets.Cleanup(ctx, st.Network.NetnsPath)
+			if h != nil {
+				h.Close()
+			}
+		}()
 	}
 	cg, err := cgroups.Load(st.Cgroup)
 	if err != nil {
 		return err
 	}
-	// Processes restored onto the new generation (if any) go: the images are the truth.
+	// Processes restored onto the new generation (if any) go: the images are the truth. Their
+	// TCP sockets are closed in repair mode, so the clients see no FIN or RST and the
+	// connections are restored from the images.
 	if pids, _ := cg.Procs(); len(pids) > 0 {
-		if err := cg.Kill(ctx); err != nil {
+		if err := discardQuietly(ctx, cg, pids, log); err != nil {
 			return fmt.Errorf("stop the processes restored onto generation %d: %w", j.To, err)
 		}
 	}
@@ -528,9 +581,6 @@ func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store,
 	if err := mgr.Save(st); err != nil {
 		return err
 	}
-	if st.Network.NetnsPath != "" {
-		sockets.Cleanup(ctx, st.Network.NetnsPath)
-	}
 	os.RemoveAll(j.GenDir)
 	os.RemoveAll(j.ImagesDir)
 	os.Remove(filepath.Join(mgr.Dir(st.ID), checkpoint.RecordFile))
@@ -538,6 +588,24 @@ func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store,
 		store.Release(ctx, j.ImageID, st.ID)
 	}
 	return removeJournal(mgr.Dir(st.ID))
+}
+
+// discardQuietly kills the processes of cg without their TCP peers noticing: frozen, every
+// TCP socket switched to repair mode, then SIGKILL.
+func discardQuietly(ctx context.Context, cg *cgroups.Cgroup, pids []int, log *slog.Logger) error {
+	if err := cg.Freeze(ctx); err != nil {
+		return err
+	}
+	n := 0
+	for _, pid := range pids {
+		k, err := sockets.SetTCPRepair(pid, true)
+		if err != nil {
+			return err
+		}
+		n += k
+	}
+	log.Debug("discarding restored processes quietly", "pids", pids, "socketsInRepair", n)
+	return cg.Kill(ctx)
 }
 
 // discardGeneration undoes prepare when nothing was stopped yet.
