@@ -196,15 +196,18 @@ func traces(t *testing.T, c container.Container) []string {
 	if strings.Contains(string(rules), c.ID) {
 		found = append(found, "nftables mentions "+c.ID)
 	}
-	for _, ctrl := range []string{"memory", "pids", "freezer", "cpu", "unified"} {
-		p := filepath.Join("/sys/fs/cgroup", ctrl, "hot", c.ID)
-		if _, err := os.Stat(p); err == nil {
-			found = append(found, "cgroup: "+p)
+	if len(c.CgroupPaths) == 0 {
+		for _, ctrl := range []string{"memory", "pids", "freezer", "cpu", "unified"} {
+			p := filepath.Join("/sys/fs/cgroup", ctrl, "hot", c.ID)
+			if _, err := os.Stat(p); err == nil {
+				found = append(found, "cgroup: "+p)
+			}
 		}
 	}
 	for _, p := range c.CgroupPaths {
 		if _, err := os.Stat(p); err == nil {
-			found = append(found, "cgroup: "+p)
+			procs, _ := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+			found = append(found, fmt.Sprintf("cgroup: %s (procs %q)", p, procs))
 		}
 	}
 	return found

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"strconv"
@@ -204,6 +205,8 @@ func (m *Manager) cleanup(ctx context.Context, st *State) error {
 		if err := cg.Kill(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("kill processes of %s: %w", st.Name, err))
 		}
+	} else if !errors.Is(cgErr, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("find cgroup of %s: %w", st.Name, cgErr))
 	}
 	if st.MonitorPid != 0 && procAlive(st.MonitorPid, st.MonitorStart) {
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -233,7 +236,7 @@ func (m *Manager) cleanup(ctx context.Context, st *State) error {
 		}
 	}
 	if cgErr == nil {
-		if err := cg.Destroy(ctx); err != nil {
+		if err := m.destroyCgroup(ctx, cg, st.Cgroup); err != nil {
 			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", st.Cgroup, err))
 		}
 	}
@@ -417,5 +420,38 @@ func (m *Manager) Logs(ctx context.Context, ref string, w io.Writer, follow bool
 			return nil
 		case <-time.After(200 * time.Millisecond):
 		}
+	}
+}
+
+// destroyCgroup removes the container's cgroup and checks, with a freshly read layout, that no
+// hierarchy still has it: a Destroy that saw only part of the hierarchies (once seen in the
+// end-to-end tests while other work on the machine mounted and unmounted things) is repeated.
+func (m *Manager) destroyCgroup(ctx context.Context, cg *cgroups.Cgroup, name string) error {
+	for attempt := 0; ; attempt++ {
+		if err := cg.Destroy(ctx); err != nil {
+			return err
+		}
+		again, err := cgroups.Load(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var left []string
+		for _, p := range again.Paths() {
+			if _, err := os.Stat(p); err == nil {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 {
+			return nil
+		}
+		if attempt == 2 {
+			return fmt.Errorf("still present after removal: %v", left)
+		}
+		m.log.Warn("cgroup directories survived Destroy, removing again", "cgroup", name, "left", left,
+			"destroyed", cg.Paths())
+		cg = again
 	}
 }
