@@ -6,6 +6,9 @@ package testutil
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,25 +47,28 @@ var (
 )
 
 // HotBinary returns the path of a hot binary built from this checkout: $HOT_TEST_BINARY when
-// set (make test sets it), otherwise one built once per test process into a temporary dir.
+// set (make test sets it), otherwise one built once per test process. The build goes to one
+// fixed file per checkout under the temp dir (renamed into place, so concurrent test processes
+// do not see a half-written binary), instead of a new directory per process.
 func HotBinary(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("HOT_TEST_BINARY"); p != "" {
 		return p
 	}
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "hot-test-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		buildPath = filepath.Join(dir, "hot")
-		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/hot")
-		cmd.Dir = ModuleRoot(t)
+		root := ModuleRoot(t)
+		sum := sha256.Sum256([]byte(root))
+		buildPath = filepath.Join(os.TempDir(), "hot-test-"+hex.EncodeToString(sum[:6]))
+		tmp := fmt.Sprintf("%s.%d", buildPath, os.Getpid())
+		cmd := exec.Command("go", "build", "-o", tmp, "./cmd/hot")
+		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = &buildError{err: err, out: string(out)}
+			os.Remove(tmp)
+			return
 		}
+		buildErr = os.Rename(tmp, buildPath)
 	})
 	if buildErr != nil {
 		t.Fatalf("build hot: %v", buildErr)
