@@ -23,6 +23,7 @@ const (
 // Event is one record of the stream. Durations are milliseconds so JSON stays readable.
 type Event struct {
 	Time    time.Time      `json:"time"`
+	Run     string         `json:"run,omitempty"`   // identifies one operation: all its events share it
 	Op      string         `json:"op"`              // update, checkpoint, restore, migrate
 	Target  string         `json:"target"`          // container name
 	Phase   string         `json:"phase"`           // preflight, freeze, dump, ...
@@ -41,6 +42,7 @@ type Sink interface {
 // Recorder stamps and fans out events to its sinks.
 type Recorder struct {
 	op, target string
+	run        string
 	mu         sync.Mutex
 	sinks      []Sink
 	now        func() time.Time
@@ -49,7 +51,25 @@ type Recorder struct {
 
 // NewRecorder returns a recorder for one operation on one target.
 func NewRecorder(op, target string, sinks ...Sink) *Recorder {
-	return &Recorder{op: op, target: target, sinks: sinks, now: time.Now}
+	now := time.Now()
+	run := fmt.Sprintf("%s-%d", now.UTC().Format("20060102T150405.000000"), os.Getpid())
+	return &Recorder{op: op, target: target, run: run, sinks: sinks, now: time.Now}
+}
+
+// LastRun returns the events of the most recent operation in evs (those sharing the last
+// event's Run), e.g. the latest update of a container for `hot inspect`.
+func LastRun(evs []Event) []Event {
+	if len(evs) == 0 {
+		return nil
+	}
+	run := evs[len(evs)-1].Run
+	var out []Event
+	for _, e := range evs {
+		if e.Run == run {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // Events returns a copy of everything recorded so far.
@@ -62,7 +82,7 @@ func (r *Recorder) Events() []Event {
 func (r *Recorder) emit(e Event) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e.Op, e.Target = r.op, r.target
+	e.Op, e.Target, e.Run = r.op, r.target, r.run
 	if e.Time.IsZero() {
 		e.Time = r.now()
 	}

@@ -48,6 +48,15 @@ func TestRecorderSpansAndLog(t *testing.T) {
 	if len(r.Events()) != 4 {
 		t.Errorf("history has %d events", len(r.Events()))
 	}
+	// A second operation appends to the same log; LastRun picks it alone.
+	r2 := NewRecorder("rollback", "web", FileLog{Path: log})
+	r2.run = "second"
+	r2.Start("preflight").End(nil, nil)
+	all, _ := ReadLog(log)
+	last := LastRun(all)
+	if len(all) != 6 || len(last) != 2 || last[0].Op != "rollback" {
+		t.Errorf("LastRun = %+v (of %d events)", last, len(all))
+	}
 }
 
 func TestReadLogIgnoresTornLine(t *testing.T) {

@@ -219,6 +219,9 @@ func TestHotUpdate(t *testing.T) {
 		if ev := e.MustHot("events", f.name); !strings.Contains(ev, "commit") {
 			t.Errorf("events lack the commit:\n%s", ev)
 		}
+		if in := e.MustHot("inspect", f.name); !strings.Contains(in, "update done") || !strings.Contains(in, "freeze window") {
+			t.Errorf("inspect does not show the update:\n%s", in)
+		}
 	})
 
 	t.Run("rollback returns to v1 keeping memory", func(t *testing.T) {

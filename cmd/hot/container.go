@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/events"
 	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
 	"github.com/hotctl/hot/restore"
@@ -249,11 +251,14 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 				s := isolation.Summarize(&spec)
 				sum = &s
 			}
+			lastOp, _ := events.ReadLog(filepath.Join(c.Dir, eventsFile))
+			lastOp = events.LastRun(lastOp)
 			if asJSON {
 				return writeJSON(cmd.OutOrStdout(), struct {
 					*container.Container
 					Isolation *isolation.Summary `json:"isolation,omitempty"`
-				}{c, sum})
+					LastOp    []events.Event     `json:"lastOperation,omitempty"`
+				}{c, sum, lastOp})
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
@@ -270,6 +275,9 @@ func newInspectCmd(opts *globalOptions) *cobra.Command {
 			row("cgroup", c.Cgroup)
 			row("rootfs", c.Rootfs)
 			row("generation", strconv.Itoa(c.Current))
+			if line := lastOpText(lastOp); line != "" {
+				row("last operation", line)
+			}
 			row("created", c.Created.Local().Format(time.RFC3339))
 			if !c.Started.IsZero() {
 				row("started", c.Started.Local().Format(time.RFC3339))

@@ -313,3 +313,29 @@ func recoverInterrupted(cmd *cobra.Command, opts *globalOptions, args []string) 
 	}
 	return update.RecoverAll(cmd.Context(), m, store, b, opts.logger)
 }
+
+// lastOpText summarizes an operation's events in one line for `hot inspect`.
+func lastOpText(evs []events.Event) string {
+	if len(evs) == 0 {
+		return ""
+	}
+	first, last := evs[0], evs[len(evs)-1]
+	outcome := "interrupted"
+	switch {
+	case last.Phase == "commit" && last.Status == events.OK:
+		outcome = "done"
+	case last.Phase == "rollback" && last.Status == events.OK:
+		outcome = "rolled back"
+	case last.Status == events.Failed:
+		outcome = "failed in " + last.Phase + ": " + last.Error
+	}
+	s := fmt.Sprintf("%s %s at %s", first.Op, outcome, first.Time.Local().Format(time.DateTime))
+	for _, e := range evs {
+		if e.Phase == "restore" && e.Status == events.OK {
+			if w, ok := e.Details["freezeWindowMs"]; ok {
+				s += fmt.Sprintf(", freeze window %v ms", w)
+			}
+		}
+	}
+	return s + " ('hot events' for details)"
+}
