@@ -57,4 +57,7 @@ echo "answer:               $(curl -fs "http://$ip:8080/")"
 echo "file written by v1:   $(curl -fs "http://$ip:8080/cat?path=/var/lib/demo/written-by-v1")"
 echo "file new in v2:       $(curl -fs "http://$ip:8080/cat?path=/etc/demo/v2-notes")"
 "$hot" history demo
+echo
+echo "The container keeps running: try '$hot inspect demo', '$hot events demo', '$hot rollback demo',"
+echo "and '$hot rm -f demo' to remove it."
 exit $rc
