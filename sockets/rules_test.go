@@ -159,8 +159,22 @@ func TestSentTracker(t *testing.T) {
 			t.Errorf("%s: fresh = %v, want %v", st.why, got, st.fresh)
 		}
 	}
-	if seg, _ := parseSegment(func() []byte { p, _ := tcp4(1, ack, 0); return p }(), 40); seg.flow.src.String() != "10.0.0.2:8080" || seg.flow.dst.String() != "10.0.0.1:50000" {
+	seg, _ := parseSegment(func() []byte { p, _ := tcp4(1, ack, 0); return p }(), 40)
+	if seg.flow.src.String() != "10.0.0.2:8080" || seg.flow.dst.String() != "10.0.0.1:50000" {
 		t.Errorf("flow parsed as %v", seg.flow)
+	}
+	// Data on a flow never seen may be a retransmission of something sent before the Holder.
+	other := sentTracker{}
+	pkt, total := tcp4(100, psh, 8)
+	if seg, _ := parseSegment(pkt, total); other.observe(seg) {
+		t.Error("data on an unseen flow counted as new")
+	}
+	if seg, _ := parseSegment(pkt, total); other.observe(seg) {
+		t.Error("its repetition counted as new")
+	}
+	pkt, total = tcp4(108, psh, 8)
+	if seg, _ := parseSegment(pkt, total); !other.observe(seg) {
+		t.Error("data after it not counted as new")
 	}
 	udp := []byte{0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1, 0, 53, 0, 53, 0, 8, 0, 0}
 	if _, ok := parseSegment(udp, len(udp)); ok {

@@ -19,6 +19,7 @@ type segment struct {
 	flow   flow
 	seq    uint32 // first sequence number
 	endSeq uint32 // seq + payload length (+1 for SYN and for FIN)
+	syn    bool
 }
 
 // parseSegment reads the IP and TCP headers at the start of pkt; total is the packet's full
@@ -71,6 +72,7 @@ func parseSegment(pkt []byte, total int) (seg segment, ok bool) {
 	flags := l4[13]
 	if flags&0x02 != 0 { // SYN
 		payload++
+		seg.syn = true
 	}
 	if flags&0x01 != 0 { // FIN
 		payload++
@@ -94,13 +96,21 @@ func seqAfter(a, b uint32) bool { return int32(a-b) > 0 }
 type sentTracker map[flow]uint32
 
 // observe records seg and reports whether it carries sequence space not sent before.
-// A flow not seen before counts as new data if the segment carries any. The map grows by one
-// entry per connection that sends during the Holder's life (one update).
+//
+// On a flow not seen before only a SYN counts as new: anything else may be the retransmission
+// of data sent before the Holder existed (seen with real CRIU: the last answer before the
+// hold, its ACK riding on the held request, retransmitted during the dump). The price is that
+// a connection silent since NewHolder that sends between Hold and the freeze has that segment
+// dropped and resent after restore. The map grows by one entry per connection that sends
+// during the Holder's life (one update).
 func (t sentTracker) observe(seg segment) bool {
 	high, seen := t[seg.flow]
 	beyond := !seen || seqAfter(seg.endSeq, high)
 	if beyond {
 		t[seg.flow] = seg.endSeq
+	}
+	if !seen {
+		return seg.syn
 	}
 	return beyond && seqAfter(seg.endSeq, seg.seq)
 }
