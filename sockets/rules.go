@@ -9,9 +9,9 @@ import (
 // left behind. The queue number follows the colon.
 const holdComment = "hot-hold"
 
-// soccrMark is the packet mark CRIU's libsoccr puts on traffic of sockets it is repairing
-// (SOCCR_MARK in CRIU's source). CRIU's own network lock lets such packets through; the hold
-// rule does the same.
+// soccrMark is the packet mark of the packets CRIU injects itself (SOCCR_MARK in CRIU's
+// source: libsoccr's raw FIN for connections it closes). CRIU's own network lock lets such
+// packets through; the hold rules do the same.
 const soccrMark = "0xc114"
 
 // holdTable is the table of the hold rules: raw, before conntrack and routing.
