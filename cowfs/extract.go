@@ -232,7 +232,7 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 			return fmt.Errorf("layer entry %q: mkdir: %w", hdr.Name, err)
 		}
 		delete(x.implicit, rel) // the layer does mean this directory
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg: // archive/tar reports old-style TypeRegA entries as TypeReg
 		fd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 		if err != nil {
 			return fmt.Errorf("layer entry %q: create: %w", hdr.Name, err)

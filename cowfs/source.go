@@ -119,7 +119,7 @@ func openTarSource(file string) (*tarSource, error) {
 		}
 		name := path.Clean("/" + hdr.Name)[1:]
 		switch hdr.Typeflag {
-		case tar.TypeReg, tar.TypeRegA:
+		case tar.TypeReg: // archive/tar reports old-style TypeRegA entries as TypeReg
 			ts.entries[name] = tarEntry{offset: pr.pos, size: hdr.Size}
 		case tar.TypeSymlink:
 			target := hdr.Linkname
