@@ -63,15 +63,21 @@ type ContainerOptions struct {
 	// the container's packets itself (package sockets).
 	NetworkLock string
 	Logger      *slog.Logger
+	// Export writes a checkpoint archive (see WriteArchive) to this file after the dump.
+	Export string
+	Zstd   bool
 }
 
 // ContainerResult is what Container did.
 type ContainerResult struct {
-	ID           string    `json:"id"`
-	Name         string    `json:"name"`
-	ImagesDir    string    `json:"imagesDir"`
-	LeaveRunning bool      `json:"leaveRunning"`
-	Stats        DumpStats `json:"stats"`
+	ID           string        `json:"id"`
+	Name         string        `json:"name"`
+	ImagesDir    string        `json:"imagesDir"`
+	LeaveRunning bool          `json:"leaveRunning"`
+	Stats        DumpStats     `json:"stats"`
+	Export       string        `json:"export,omitempty"`
+	ExportBytes  int64         `json:"exportBytes,omitempty"`
+	ExportTime   time.Duration `json:"exportNs,omitempty"`
 }
 
 // ErrNotRunning is matched by the error for a container that cannot be checkpointed now.
@@ -84,12 +90,56 @@ var ErrNotRunning = errors.New("container not running")
 // On failure the container keeps running (see Dump).
 func Container(ctx context.Context, mgr *container.Manager, ref string, o ContainerOptions) (*ContainerResult, error) {
 	var res *ContainerResult
+	var exportErr error
 	err := mgr.WithLock(ctx, ref, func(st *container.State) error {
 		var err error
 		res, err = ContainerLocked(ctx, mgr, st, o)
-		return err
+		if err != nil || o.Export == "" {
+			return err
+		}
+		// Export under the lock (the upper layer must not change meanwhile). The dump itself
+		// succeeded and its state must be saved: an export failure is reported afterwards.
+		if exportErr = export(ctx, mgr, st, o, res); exportErr != nil {
+			exportErr = fmt.Errorf("checkpoint %s succeeded (images in %s) but the export failed: %w", res.Name, res.ImagesDir, exportErr)
+		}
+		return nil
 	})
+	if err == nil {
+		err = exportErr
+	}
 	return res, err
+}
+
+// export writes the archive of the checkpoint just made (see WriteArchive).
+func export(ctx context.Context, mgr *container.Manager, st *container.State, o ContainerOptions, res *ContainerResult) error {
+	t0 := time.Now()
+	rec, err := LoadRecord(mgr.Dir(st.ID))
+	if err != nil {
+		return err
+	}
+	gen := st.CurrentGeneration()
+	if gen == nil {
+		return errors.New("no current generation in the container's state")
+	}
+	info := ContainerInfo{Name: st.Name, Image: st.Image, ImageID: st.ImageID, Network: st.Network.Mode,
+		Bridge: st.Network.Bridge, Memory: st.Resources.MemoryBytes, Pids: st.Resources.PidsMax}
+	if st.Network.IP.IsValid() {
+		info.IP = st.Network.IP.String()
+	}
+	if st.Network.Subnet.IsValid() {
+		info.Subnet = st.Network.Subnet.String()
+	}
+	if _, err := WriteArchive(ctx, o.Export, ArchiveInput{
+		Manifest:  Manifest{CRIUVersion: o.CRIU.Version.String(), Container: info, Record: *rec},
+		ImagesDir: rec.ImagesDir, Config: filepath.Join(mgr.Dir(st.ID), "config.json"), UpperDir: gen.Upper, Zstd: o.Zstd,
+	}); err != nil {
+		return err
+	}
+	res.Export, res.ExportTime = o.Export, time.Since(t0)
+	if fi, err := os.Stat(o.Export); err == nil {
+		res.ExportBytes = fi.Size()
+	}
+	return nil
 }
 
 // ContainerLocked is Container for a caller that holds the container's lock

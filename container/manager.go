@@ -115,13 +115,22 @@ func (m *Manager) Run(ctx context.Context, o RunOptions) (*Container, error) {
 		hostname = id[:12]
 	}
 	cgName := "hot/" + id
-	spec, err := buildSpec(img.Config.Config, o, specInput{Rootfs: m.p.rootfs(id), Hostname: hostname,
-		Cgroup: cgName, Resources: o.Resources})
-	if err != nil {
-		return nil, err
-	}
-	if err := isolation.Apply(spec, o.Isolation); err != nil {
-		return nil, err
+	var spec *specs.Spec
+	if o.Spec != nil {
+		spec = o.Spec
+		if spec.Root == nil || spec.Linux == nil || spec.Process == nil {
+			return nil, errors.New("container config: root, linux and process sections are required")
+		}
+		spec.Root.Path, spec.Linux.CgroupsPath = m.p.rootfs(id), cgName
+	} else {
+		spec, err = buildSpec(img.Config.Config, o, specInput{Rootfs: m.p.rootfs(id), Hostname: hostname,
+			Cgroup: cgName, Resources: o.Resources})
+		if err != nil {
+			return nil, err
+		}
+		if err := isolation.Apply(spec, o.Isolation); err != nil {
+			return nil, err
+		}
 	}
 	gen := Generation{N: 1, Image: o.Image, ImageID: img.ID, LowerDirs: img.LayerDirs,
 		Upper: filepath.Join(m.p.genDir(id, 1), "upper"), Work: filepath.Join(m.p.genDir(id, 1), "work")}
@@ -182,6 +191,11 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 			return fmt.Errorf("create %s: %w", d, err)
 		}
 	}
+	if o.PrepareUpper != nil {
+		if err := o.PrepareUpper(gen.Upper); err != nil {
+			return fmt.Errorf("prepare upper layer of %s: %w", id[:12], err)
+		}
+	}
 	if err := cowfs.MountOverlay(st.Rootfs, gen.LowerDirs, gen.Upper, gen.Work); err != nil {
 		return fmt.Errorf("mount root file system of %s: %w", id[:12], err)
 	}
@@ -213,7 +227,14 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 	if err := writeJSONAtomic(m.p.config(id), spec); err != nil {
 		return err
 	}
-	return m.startMonitor(ctx, st, false)
+	if err := m.startMonitor(ctx, st, o.NoStart); err != nil {
+		return err
+	}
+	if o.NoStart {
+		st.Status = StatusCheckpointed
+		return m.p.saveState(st)
+	}
+	return nil
 }
 
 // startMonitor starts `hot __monitor ID` detached (own session, output to monitor.log) and

@@ -10,6 +10,7 @@ import (
 
 	"github.com/hotctl/hot/isolation"
 	"github.com/hotctl/hot/network"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // RunOptions is everything `hot run` takes from the command line.
@@ -34,6 +35,15 @@ type RunOptions struct {
 	Subnet      netip.Prefix
 	IP          netip.Addr // zero: allocated by IPAM
 	Ports       []network.PortMapping
+
+	// For containers recreated from a checkpoint archive (restore.Import):
+	// Spec replaces the config built from the image (root path, cgroup and network namespace
+	// are set for the new container); PrepareUpper fills the new upper directory before the
+	// root is mounted; NoStart creates everything and a monitor, but no init: the container is
+	// "checkpointed" until a restore op adopts the restored tree.
+	Spec         *specs.Spec
+	PrepareUpper func(upperDir string) error
+	NoStart      bool
 }
 
 // ParseSize parses a memory size such as 512M, 1G, 1.5g, 64k or 1048576 (bytes), in powers of

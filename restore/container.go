@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/hotctl/hot/cgroups"
 	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/criubin"
@@ -30,6 +31,7 @@ type helperArgs struct {
 	NetnsPath string                    `json:"netnsPath,omitempty"`
 	NetnsKey  string                    `json:"netnsKey,omitempty"`
 	Lazy      bool                      `json:"lazy,omitempty"`
+	Cgroup    string                    `json:"cgroup,omitempty"`
 	Externals []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
@@ -97,7 +99,8 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 		if _, err := os.Stat(filepath.Join(rec.ImagesDir, "inventory.img")); err != nil {
 			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
 		}
-		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals}
+		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
+			Cgroup: c.Cgroup}
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
 		}
@@ -235,6 +238,17 @@ func helperMain(ctx context.Context) (*Result, error) {
 		inherit[x.Key] = f
 	}
 	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit}
+	if a.Cgroup != "" {
+		// CRIU and the tree it restores inherit the helper's cgroups: the container's.
+		cg, err := cgroups.Load(a.Cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("restore: %w", err)
+		}
+		if err := cg.AddProc(os.Getpid()); err != nil {
+			return nil, fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
+		}
+		opts.CallerCgroups = true
+	}
 	if a.NetnsPath != "" {
 		opts.Netns = &checkpoint.ExternalNetns{Path: a.NetnsPath, Key: a.NetnsKey}
 	}

@@ -164,6 +164,9 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 			if c.Status != container.StatusCheckpointed || c.Network.IP != ipBefore {
 				t.Fatalf("after checkpoint: status %s, IP %v (want checkpointed, %v)", c.Status, c.Network.IP, ipBefore)
 			}
+			if !lazy {
+				inspectCheckpoint(t, e, "web", load.Snapshot().LocalAddrs)
+			}
 			paused := load.Snapshot()
 			if paused.Failures != 0 {
 				t.Fatalf("failures during checkpoint: %v", paused.Errors)
@@ -273,4 +276,109 @@ func parentOf(t *testing.T, pid int) int {
 		}
 	}
 	return 0
+}
+
+func TestExportRemoveImport(t *testing.T) {
+	e := newEnv(t)
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	c0 := e.inspect()
+	archive := filepath.Join(t.TempDir(), "web.ckpt.zst")
+	e.mustHot("checkpoint", "--export", archive, "--zstd", "web")
+	e.mustHot("rm", "web")
+
+	// A corrupted copy is refused before anything is created, naming the member.
+	bad := filepath.Join(t.TempDir(), "bad.ckpt")
+	corruptArchiveMember(t, archive, bad, "images/pages-1.img")
+	r := e.hot("restore", "--import", bad, "--name", "web")
+	if r.ExitCode == 0 || !strings.Contains(r.Stderr, "images/pages-1.img") || !strings.Contains(r.Stderr, "sha256") {
+		t.Fatalf("corrupted archive: exit %d, stderr %q; want a refusal naming images/pages-1.img", r.ExitCode, r.Stderr)
+	}
+	if out := e.mustHot("ps", "-aq"); strings.TrimSpace(out) != "" {
+		t.Fatalf("a refused import left containers: %q", out)
+	}
+	if ents, _ := filepath.Glob(filepath.Join(e.runRoot, ".import-*")); len(ents) != 0 {
+		t.Fatalf("a refused import left staging dirs: %v", ents)
+	}
+
+	// Into a store without the image: refused naming the image digest.
+	other := &env{t: t, root: filepath.Join(t.TempDir(), "root"), runRoot: filepath.Join(e.runRoot, "other"), bridge: e.bridge, subnet: e.subnet}
+	r = other.hot("restore", "--import", archive)
+	if r.ExitCode == 0 || !strings.Contains(r.Stderr, c0.ImageID.String()) {
+		t.Fatalf("import without the image: exit %d, stderr %q; want a refusal naming %s", r.ExitCode, r.Stderr, c0.ImageID)
+	}
+
+	if sum := inspectCheckpoint(t, e, archive, load.Snapshot().LocalAddrs); sum.Manifest == nil || sum.Manifest.Container.ImageID != c0.ImageID {
+		t.Errorf("inspect of the archive: manifest %+v, want image %s", sum.Manifest, c0.ImageID)
+	}
+	var res restore.ContainerResult
+	if err := json.Unmarshal([]byte(e.mustHot("restore", "--import", archive, "--json")), &res); err != nil {
+		t.Fatal(err)
+	}
+	c := e.inspect()
+	if c.Status != container.StatusRunning || c.Network.IP != c0.Network.IP || c.ID == c0.ID {
+		t.Fatalf("imported container: status %s, IP %v (want running, %v), id %s (old %s)", c.Status, c.Network.IP, c0.Network.IP, c.ID, c0.ID)
+	}
+	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", c.Pid)); !strings.Contains(string(cg), c.Cgroup) {
+		t.Errorf("imported init is not in its new cgroup %s: %s", c.Cgroup, cg)
+	}
+	progress(t, load, load.Snapshot())
+	checkClean(t, load)
+}
+
+// corruptArchiveMember copies a (zstd) archive to dst as plain tar with one byte of member
+// flipped.
+func corruptArchiveMember(t *testing.T, src, dst, member string) {
+	t.Helper()
+	out, err := exec.Command("sh", "-c", "zstd -dc '"+src+"' > '"+dst+"'").CombinedOutput()
+	if err != nil {
+		t.Fatalf("zstd: %v: %s", err, out)
+	}
+	b, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Tar headers are 512-byte blocks with the name first; the data follows the header block.
+	for off := 0; off+512 <= len(b); off += 512 {
+		if strings.HasPrefix(string(b[off:off+100]), member+"\x00") {
+			b[off+512+100] ^= 0xff
+			if err := os.WriteFile(dst, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+	}
+	t.Fatalf("member %s not found in %s", member, src)
+}
+
+// inspectCheckpoint runs `hot checkpoint inspect` and checks it shows the app, its memory, its
+// mounts and exactly the clients' connections.
+func inspectCheckpoint(t *testing.T, e *env, what string, clients []string) *checkpoint.Summary {
+	t.Helper()
+	var sum checkpoint.Summary
+	if err := json.Unmarshal([]byte(e.mustHot("checkpoint", "inspect", "--json", what)), &sum); err != nil {
+		t.Fatal(err)
+	}
+	if len(sum.Processes) == 0 || sum.Processes[0].Comm != "httpcount" || sum.MemoryBytes < 1<<20 {
+		t.Errorf("inspect %s: processes %+v, memory %d", what, sum.Processes, sum.MemoryBytes)
+	}
+	peers := map[string]bool{}
+	for _, c := range sum.TCP {
+		if c.State == "ESTABLISHED" {
+			peers[c.Peer] = true
+		}
+	}
+	for _, a := range clients {
+		if !peers[a] {
+			t.Errorf("inspect %s: client connection from %s not among the dumped ones %+v", what, a, sum.TCP)
+		}
+	}
+	root := false
+	for _, m := range sum.Mounts {
+		root = root || m.Mountpoint == "/"
+	}
+	if !root || len(sum.Files) == 0 {
+		t.Errorf("inspect %s: mounts %+v, files %+v", what, sum.Mounts, sum.Files)
+	}
+	return &sum
 }

@@ -30,6 +30,12 @@ type Options struct {
 	Netns *checkpoint.ExternalNetns // the namespace the dump recorded as external
 	// Lazy restores memory on demand through userfaultfd (post-copy from local images).
 	Lazy bool
+	// CallerCgroups restores the tree into the caller's cgroups (CRIU
+	// --manage-cgroups=ignore) instead of those recorded at dump time. The container restore
+	// moves its helper into the container's cgroup first: a container recreated from an
+	// archive has a new cgroup, and CRIU recreating the old one would bring back its frozen
+	// state and fail on controllers the container has no group in (cpuset).
+	CallerCgroups bool
 	// InheritFds passes further files to CRIU (key → file), e.g. the container's stdio.
 	InheritFds map[string]*os.File
 	Logger     *slog.Logger
@@ -90,6 +96,10 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.Root != "" {
 		copts.Root = ptr(opts.Root)
+	}
+	if opts.CallerCgroups {
+		copts.ManageCgroups = ptr(false)
+		copts.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	}
 	var netns *os.File
 	if opts.Netns != nil {
