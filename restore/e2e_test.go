@@ -25,7 +25,7 @@ import (
 // env is one test's private hot installation (own --root, --run-root, bridge, subnet) with the
 // httpcount image imported and one container "web" running it.
 type env struct {
-	t              *testing.T
+	t              testing.TB
 	root, runRoot  string
 	bridge, subnet string
 }
@@ -36,7 +36,7 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-func newEnv(t *testing.T, runArgs ...string) *env {
+func newEnv(t testing.TB, runArgs ...string) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
 	for _, c := range []string{"nsenter", "nft", "ip"} {
@@ -65,13 +65,17 @@ func newEnv(t *testing.T, runArgs ...string) *env {
 	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	app := testapps.Build(t, "github.com/hotctl/hot/internal/testapps/httpcount")
-	if out, err := exec.Command("cp", app, filepath.Join(rootfs, "bin", "httpcount")).CombinedOutput(); err != nil {
+	if out, err := exec.Command("cp", appBinary(t), filepath.Join(rootfs, "bin", "httpcount")).CombinedOutput(); err != nil {
 		t.Fatalf("copy app: %v: %s", err, out)
 	}
 	e.mustHot("image", "import", "--rootfs", rootfs, "--tag", "httpcount:test", "--entrypoint", "/bin/httpcount")
 	e.mustHot(append([]string{"run", "-d", "--name", "web", "--bridge", e.bridge, "--subnet", e.subnet, "httpcount:test"}, runArgs...)...)
 	return e
+}
+
+// appBinary is the static httpcount test app.
+func appBinary(t testing.TB) string {
+	return testapps.Build(t, "github.com/hotctl/hot/internal/testapps/httpcount")
 }
 
 func (e *env) args(a ...string) []string {
@@ -123,7 +127,7 @@ func (e *env) clients() *loadclient.Load {
 }
 
 // progress waits until every client answered more requests than in before.
-func progress(t *testing.T, load *loadclient.Load, before loadclient.Report) loadclient.Report {
+func progress(t testing.TB, load *loadclient.Load, before loadclient.Report) loadclient.Report {
 	t.Helper()
 	now, err := load.WaitProgress(before, 5, 15*time.Second)
 	if err != nil {
@@ -132,7 +136,7 @@ func progress(t *testing.T, load *loadclient.Load, before loadclient.Report) loa
 	return now
 }
 
-func checkClean(t *testing.T, load *loadclient.Load) {
+func checkClean(t testing.TB, load *loadclient.Load) {
 	t.Helper()
 	final := load.Stop()
 	if final.Failures != 0 || final.Regressions != 0 {
