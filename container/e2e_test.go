@@ -205,9 +205,9 @@ func traces(t *testing.T, c container.Container) []string {
 		}
 	}
 	for _, p := range c.CgroupPaths {
-		if _, err := os.Stat(p); err == nil {
+		if fi, err := os.Stat(p); err == nil {
 			procs, _ := os.ReadFile(filepath.Join(p, "cgroup.procs"))
-			found = append(found, fmt.Sprintf("cgroup: %s (procs %q)", p, procs))
+			found = append(found, fmt.Sprintf("cgroup: %s (procs %q, changed %s)", p, procs, fi.ModTime().Format("15:04:05.000000")))
 		}
 	}
 	return found
@@ -229,8 +229,16 @@ func TestContainerLifecycle(t *testing.T) {
 	if body := waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/", port)); body != "count 2" {
 		t.Errorf("GET published port = %q, want count 2", body)
 	}
-	if logs := e.mustHot("logs", "web"); !strings.Contains(logs, "request 1 GET /") || !strings.Contains(logs, "request 2 GET /") {
-		t.Errorf("logs lack the requests:\n%s", logs)
+	// The monitor copies the container's output into the log: allow it a moment.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		logs := e.mustHot("logs", "web")
+		if strings.Contains(logs, "request 1 GET /") && strings.Contains(logs, "request 2 GET /") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("logs lack the requests:\n%s", logs)
+			break
+		}
 	}
 
 	// exec joins the namespaces: same loopback (count continues), hostname, env; exit codes pass through.
@@ -597,8 +605,11 @@ func TestRunRmCyclesLeakNothing(t *testing.T) {
 		} else {
 			e.mustHot("rm", "-f", name)
 		}
+		if tr := traces(t, c); len(tr) > 0 {
+			t.Errorf("%s: right after rm (%s):\n%s", name, time.Now().Format("15:04:05.000000"), strings.Join(tr, "\n"))
+		}
 	}
-	t.Logf("20 run/rm cycles: %v (%v per cycle)", time.Since(start), time.Since(start)/20)
+	t.Logf("20 run/rm cycles: %v (%v per cycle), done at %s", time.Since(start), time.Since(start)/20, time.Now().Format("15:04:05.000000"))
 	after := hostSnapshot(t, e)
 	for k, v := range before {
 		if after[k] != v {
