@@ -181,13 +181,10 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			ImagesDir:     rec.ImagesDir,
 			LeaveRunning:  o.LeaveRunning,
 			Freezer:       cg,
-			FreezerCgroup: cg.Paths()["freezer"],
+			FreezerCgroup: FreezerDir(cg),
 			Failpoint:     o.Failpoint,
 			NetworkLock:   o.NetworkLock,
 			Logger:        o.Logger,
-		}
-		if c.Cgroup != "" && cg.Mode() == "v2" {
-			dopts.FreezerCgroup = cg.Paths()["unified"]
 		}
 		for _, x := range rec.Externals {
 			if x.Kind == ExternalFileOnHost { // pipes need no --external, only inherit-fd at restore
@@ -326,4 +323,13 @@ func fdInfo(pid int, fd string) (mnt, flags int, err error) {
 		return 0, 0, fmt.Errorf("fdinfo %d/%s has no mnt_id", pid, fd)
 	}
 	return mnt, flags, nil
+}
+
+// FreezerDir is the directory of cg that CRIU's freeze_cgroup option needs: the v1 freezer
+// group where one is mounted (hybrid and v1 hosts), otherwise the cgroup2 group.
+func FreezerDir(cg *cgroups.Cgroup) string {
+	if d := cg.Paths()["freezer"]; d != "" {
+		return d
+	}
+	return cg.Paths()["unified"]
 }

@@ -73,8 +73,8 @@ func (e *env) dumpOptions() checkpoint.DumpOptions {
 		PID:           e.sb.PID,
 		ImagesDir:     e.images,
 		Netns:         &checkpoint.ExternalNetns{Path: e.sb.NetnsPath},
-		Freezer:       e.sb.Freezer,
-		FreezerCgroup: e.sb.Freezer.Dir,
+		Freezer:       e.sb.Cgroup,
+		FreezerCgroup: checkpoint.FreezerDir(e.sb.Cgroup),
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hotctl/hot/cgroups"
 	"golang.org/x/sys/unix"
 )
 
@@ -98,12 +100,12 @@ func initMain(args []string) error {
 // Sandbox is one running sandbox.
 type Sandbox struct {
 	Name      string
-	Rootfs    string // the root directory (what a restore mounts as the root)
-	NetnsPath string // bind mount of the network namespace
-	HostIP    string // host end of the veth
-	IP        string // the sandbox's address
-	Freezer   *Freezer
-	PID       int // host PID of the sandbox's PID 1 (changes after a restore: SetPID)
+	Rootfs    string          // the root directory (what a restore mounts as the root)
+	NetnsPath string          // bind mount of the network namespace
+	HostIP    string          // host end of the veth
+	IP        string          // the sandbox's address
+	Cgroup    *cgroups.Cgroup // its own cgroup (package cgroups: v1, v2 or hybrid hosts)
+	PID       int             // host PID of the sandbox's PID 1 (changes after a restore: SetPID)
 
 	cmd *exec.Cmd
 }
@@ -134,11 +136,11 @@ func Start(t testing.TB, opts Options) *Sandbox {
 	if err := copyFile(opts.App, filepath.Join(s.Rootfs, "app"), 0o755); err != nil {
 		t.Fatalf("copy app into sandbox root: %v", err)
 	}
-	fz, err := NewFreezer(s.Name)
+	cg, err := cgroups.Create(context.Background(), "hot-test/"+id, cgroups.Resources{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Freezer = fz
+	s.Cgroup = cg
 	t.Cleanup(func() { s.destroy(t) })
 
 	initLog, err := os.Create(filepath.Join(dir, "init.log"))
@@ -161,7 +163,7 @@ func Start(t testing.TB, opts Options) *Sandbox {
 		t.Fatalf("start sandbox init: %v", err)
 	}
 	s.cmd, s.PID = cmd, cmd.Process.Pid
-	if err := fz.Add(s.PID); err != nil {
+	if err := cg.AddProc(s.PID); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.setupNetwork(id); err != nil {
@@ -202,23 +204,6 @@ func (s *Sandbox) SetPID(pid int) { s.PID = pid; s.cmd = nil }
 // Addr returns the sandbox's address with port.
 func (s *Sandbox) Addr(port int) string { return fmt.Sprintf("%s:%d", s.IP, port) }
 
-// WaitListening waits until a TCP connection to addr succeeds.
-func WaitListening(ctx context.Context, addr string) error {
-	for {
-		var d netDialer
-		c, err := d.dial(ctx, addr)
-		if err == nil {
-			c.Close()
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("wait for %s: %w (last: %v)", addr, ctx.Err(), err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
 // Reap waits for (or collects) the exit of the sandbox's current PID 1 if it is a child of
 // this process, ignoring errors.
 func (s *Sandbox) reap() {
@@ -240,12 +225,12 @@ func (s *Sandbox) Kill() {
 }
 
 func (s *Sandbox) destroy(t testing.TB) {
-	s.Freezer.Thaw(context.Background())
+	s.Cgroup.Thaw(context.Background())
 	s.Kill()
 	if err := unix.Unmount(s.NetnsPath, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		t.Logf("unmount netns %s: %v", s.NetnsPath, err)
 	}
-	if err := s.Freezer.Destroy(); err != nil {
+	if err := s.Cgroup.Destroy(context.Background()); err != nil {
 		t.Logf("remove freezer cgroup: %v", err)
 	}
 }
@@ -265,4 +250,21 @@ func copyFile(src, dst string, mode os.FileMode) error {
 		return err
 	}
 	return out.Close()
+}
+
+// WaitListening waits until a TCP connection to addr succeeds.
+func WaitListening(ctx context.Context, addr string) error {
+	for {
+		d := net.Dialer{Timeout: 500 * time.Millisecond}
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for %s: %w (last: %v)", addr, ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
