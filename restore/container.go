@@ -32,6 +32,7 @@ type helperArgs struct {
 	NetnsKey  string                    `json:"netnsKey,omitempty"`
 	Lazy      bool                      `json:"lazy,omitempty"`
 	Cgroup    string                    `json:"cgroup,omitempty"`
+	Failpoint string                    `json:"failpoint,omitempty"`
 	Externals []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
@@ -43,9 +44,10 @@ type helperResult struct {
 
 // ContainerOptions configure Container.
 type ContainerOptions struct {
-	CRIU   criubin.Binary
-	Lazy   bool
-	Logger *slog.Logger
+	CRIU      criubin.Binary
+	Lazy      bool
+	Failpoint string // tests only: FailAfterRestore
+	Logger    *slog.Logger
 }
 
 // ContainerResult is what Container did.
@@ -100,7 +102,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
 		}
 		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
-			Cgroup: c.Cgroup}
+			Cgroup: c.Cgroup, Failpoint: o.Failpoint}
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
 		}
@@ -237,7 +239,7 @@ func helperMain(ctx context.Context) (*Result, error) {
 		defer f.Close()
 		inherit[x.Key] = f
 	}
-	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit}
+	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint}
 	if a.Cgroup != "" {
 		// CRIU and the tree it restores inherit the helper's cgroups: the container's.
 		cg, err := cgroups.Load(a.Cgroup)

@@ -386,3 +386,34 @@ func inspectCheckpoint(t *testing.T, e *env, what string, clients []string) *che
 	}
 	return &sum
 }
+
+// TestFailedRestoreKeepsImagesForRetry: CRIU fails after restoring the tree (before it
+// resumes); the container stays checkpointed with its images and network lock, and a second
+// `hot restore` brings back the same connections and state.
+func TestFailedRestoreKeepsImagesForRetry(t *testing.T) {
+	e := newEnv(t)
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	e.mustHot("checkpoint", "web")
+	t.Setenv("HOT_FAILPOINT", "restore-post-restore")
+	r := e.hot("restore", "web")
+	os.Unsetenv("HOT_FAILPOINT")
+	if r.ExitCode == 0 || !strings.Contains(r.Stderr, "criu restore failed") || strings.Contains(r.Stderr, "RLIMIT") {
+		t.Fatalf("injected restore failure: exit %d, stderr %q; want the CRIU error", r.ExitCode, r.Stderr)
+	}
+	c := e.inspect()
+	if c.Status != container.StatusCheckpointed {
+		t.Fatalf("after a failed restore the container is %s, want checkpointed", c.Status)
+	}
+	rec, err := checkpoint.LoadRecord(filepath.Join(e.root, "containers", c.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(rec.ImagesDir, "inventory.img")); err != nil {
+		t.Fatalf("images gone after a failed restore: %v", err)
+	}
+	paused := load.Snapshot()
+	e.mustHot("restore", "web")
+	progress(t, load, paused)
+	checkClean(t, load)
+}

@@ -36,6 +36,9 @@ type Options struct {
 	// archive has a new cgroup, and CRIU recreating the old one would bring back its frozen
 	// state and fail on controllers the container has no group in (cpuset).
 	CallerCgroups bool
+	// Failpoint (tests only): FailAfterRestore makes CRIU fail once the tree is restored but
+	// before it resumes (its post-restore notification answers an error; CRIU kills the tree).
+	Failpoint string
 	// InheritFds passes further files to CRIU (key → file), e.g. the container's stdio.
 	InheritFds map[string]*os.File
 	Logger     *slog.Logger
@@ -127,7 +130,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		}
 		defer lazy.stop()
 	}
-	nfy := &restoreNotify{}
+	nfy := &restoreNotify{failpoint: opts.Failpoint}
 	logPath := filepath.Join(opts.ImagesDir, checkpoint.RestoreLog)
 	if err := c.Restore(copts, nfy); err != nil {
 		return nil, checkpoint.NewCRIUError("restore", logPath, err)
@@ -160,10 +163,17 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 
 type restoreNotify struct {
 	criu.NoNotify
-	pid int32
+	pid       int32
+	failpoint string
 }
 
+// FailAfterRestore is the restore failpoint (see Options.Failpoint).
+const FailAfterRestore = "post-restore"
+
 func (n *restoreNotify) PostRestore(pid int32) error {
+	if n.failpoint == FailAfterRestore {
+		return errors.New("failpoint " + FailAfterRestore)
+	}
 	n.pid = pid
 	return nil
 }

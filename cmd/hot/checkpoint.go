@@ -215,7 +215,11 @@ and a new container is created from it (same IP) and restored.`,
 				}
 				res, err = restore.Import(cmd.Context(), m, importing, io)
 			} else {
-				res, err = restore.Container(cmd.Context(), m, args[0], restore.ContainerOptions{CRIU: b, Lazy: lazy, Logger: opts.logger})
+				ro := restore.ContainerOptions{CRIU: b, Lazy: lazy, Logger: opts.logger}
+				if os.Getenv(failpointEnv) == "restore-post-restore" {
+					ro.Failpoint = restore.FailAfterRestore
+				}
+				res, err = restore.Container(cmd.Context(), m, args[0], ro)
 			}
 			if err != nil {
 				return err
