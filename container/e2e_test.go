@@ -216,7 +216,8 @@ func traces(t *testing.T, c container.Container) []string {
 func TestContainerLifecycle(t *testing.T) {
 	e := newEnv(t)
 	port := freePort(t)
-	id := e.run("--name", "web", "-p", fmt.Sprintf("%d:8080", port), "-e", "GREETING=hi", "--memory", "256M", appImage)
+	id := e.run("--name", "web", "-p", fmt.Sprintf("%d:8080", port), "-e", "GREETING=hi", "--memory", "256M",
+		"--pids-limit", "64", "-w", "/srv", "--user", "1000:1000", appImage)
 	c := e.inspect("web")
 	if c.ID != id || c.Status != container.StatusRunning || c.Pid == 0 || !c.Network.IP.IsValid() {
 		t.Fatalf("after run: %+v", c)
@@ -256,6 +257,35 @@ func TestContainerLifecycle(t *testing.T) {
 	}
 	if out := e.mustHot("exec", "web", "httpcount", "cat", "/proc/1/cmdline"); !strings.HasPrefix(out, "/bin/httpcount") {
 		t.Errorf("PID 1 seen by exec is %q, want the container's entrypoint", out)
+	}
+	// User, working directory, mounts (proc, read-only sys, dev with pts and shm), pids limit.
+	if out := e.mustHot("exec", "web", "httpcount", "cat", "/proc/self/status"); !strings.Contains(out, "Uid:\t1000\t") || !strings.Contains(out, "Gid:\t1000\t") {
+		t.Errorf("exec does not run as the container's user 1000:1000:\n%s", out)
+	}
+	if out := e.mustHot("exec", "web", "httpcount", "pwd"); strings.TrimSpace(out) != "/srv" {
+		t.Errorf("exec pwd = %q, want /srv", out)
+	}
+	mounts := map[string]string{}
+	for _, line := range strings.Split(e.mustHot("exec", "web", "httpcount", "cat", "/proc/self/mountinfo"), "\n") {
+		if f := strings.Fields(line); len(f) > 5 {
+			mounts[f[4]] = f[5]
+		}
+	}
+	for _, mp := range []string{"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/sys"} {
+		if _, ok := mounts[mp]; !ok {
+			t.Errorf("no mount at %s inside the container: %v", mp, mounts)
+		}
+	}
+	if !strings.HasPrefix(mounts["/sys"], "ro") {
+		t.Errorf("/sys mounted %q, want read-only", mounts["/sys"])
+	}
+	if out := e.mustHot("exec", "web", "httpcount", "cat", "/dev/null"); out != "" {
+		t.Errorf("/dev/null gave %q", out)
+	}
+	if p := c.CgroupPaths["pids"]; p != "" {
+		if b, err := os.ReadFile(filepath.Join(p, "pids.max")); err != nil || strings.TrimSpace(string(b)) != "64" {
+			t.Errorf("pids.max %q, %v; want 64", b, err)
+		}
 	}
 	if p := c.CgroupPaths["memory"]; p != "" {
 		if b, err := os.ReadFile(filepath.Join(p, "memory.limit_in_bytes")); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(256<<20) {

@@ -11,6 +11,7 @@
 //	httpcount exit CODE               exit with CODE
 //	httpcount env                     print the environment
 //	httpcount hostname                print the host name
+//	httpcount pwd                     print the working directory
 //	httpcount cat FILE                print a file (e.g. /proc/self/cgroup)
 //	httpcount sleep SECS              sleep, ignoring SIGTERM (tests stop's SIGKILL fallback)
 package main
@@ -135,6 +136,14 @@ func sub(args []string) int {
 			return 1
 		}
 		os.Stdout.Write(b)
+		return 0
+	case "pwd":
+		d, err := os.Getwd()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "httpcount:", err)
+			return 1
+		}
+		fmt.Println(d)
 		return 0
 	case "hostname":
 		h, err := os.Hostname()
