@@ -182,9 +182,11 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			LeaveRunning:  o.LeaveRunning,
 			Freezer:       cg,
 			FreezerCgroup: FreezerDir(cg),
-			Failpoint:     o.Failpoint,
-			NetworkLock:   o.NetworkLock,
-			Logger:        o.Logger,
+			// Container restores run CRIU inside the container's cgroup and ignore recorded ones.
+			SkipCgroups: true,
+			Failpoint:   o.Failpoint,
+			NetworkLock: o.NetworkLock,
+			Logger:      o.Logger,
 		}
 		for _, x := range rec.Externals {
 			if x.Kind == ExternalFileOnHost { // pipes need no --external, only inherit-fd at restore

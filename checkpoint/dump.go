@@ -79,10 +79,13 @@ type DumpOptions struct {
 	// freezer or cgroup2 group) given to CRIU, which then finds it frozen and does not poll.
 	Freezer       Freezer
 	FreezerCgroup string
-	GhostLimit    int64    // default DefaultGhostLimit
-	External      []string // further --external resources
-	Failpoint     string   // tests only: see FailAfterMemoryDump
-	Logger        *slog.Logger
+	GhostLimit    int64 // default DefaultGhostLimit
+	// SkipCgroups leaves cgroups out of the images (CRIU --manage-cgroups=ignore): for
+	// restores that put the tree into a cgroup themselves (restore.Options.CallerCgroups).
+	SkipCgroups bool
+	External    []string // further --external resources
+	Failpoint   string   // tests only: see FailAfterMemoryDump
+	Logger      *slog.Logger
 }
 
 // DumpResult describes a finished dump.
@@ -161,6 +164,10 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 			return nil, fmt.Errorf("dump: network namespace %s: %w", opts.Netns.Path, err)
 		}
 		copts.External = append(copts.External, fmt.Sprintf("net[%d]:%s", st.Ino, opts.Netns.key()))
+	}
+	if opts.SkipCgroups {
+		copts.ManageCgroups = ptr(false)
+		copts.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	}
 	if opts.FreezerCgroup != "" {
 		copts.FreezeCgroup = ptr(opts.FreezerCgroup)

@@ -3,7 +3,9 @@ package checkpoint_test
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -128,6 +130,16 @@ func TestDumpRestoreKeepsConnections(t *testing.T) {
 	rr := e.restore(t, false)
 	t.Logf("restore: pid %d, running after %v, stats %+v", rr.PID, rr.Running, rr.Stats)
 	after := e.expectProgress(t, paused)
+	// The deleted-but-open file came back from the images (CRIU ghost file, --link-remap).
+	resp, err := http.Get("http://" + e.sb.Addr(8080) + "/ghost")
+	if err != nil {
+		t.Fatalf("ghost file after restore: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "ghost content\n" {
+		t.Errorf("ghost file after restore reads %q", body)
+	}
 	final := e.load.Stop()
 	if final.Failures != 0 || final.Regressions != 0 {
 		t.Fatalf("failures %d (%v), regressions %d", final.Failures, final.Errors, final.Regressions)
