@@ -1,11 +1,14 @@
 package restore_test
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -291,23 +294,29 @@ func TestExportRemoveImport(t *testing.T) {
 	e.mustHot("checkpoint", "--export", archive, "--zstd", "web")
 	e.mustHot("rm", "web")
 
-	// A corrupted copy is refused before anything is created, naming the member.
-	bad := filepath.Join(t.TempDir(), "bad.ckpt")
-	corruptArchiveMember(t, archive, bad, "images/pages-1.img")
-	r := e.hot("restore", "--import", bad, "--name", "web")
-	if r.ExitCode == 0 || !strings.Contains(r.Stderr, "images/pages-1.img") || !strings.Contains(r.Stderr, "sha256") {
-		t.Fatalf("corrupted archive: exit %d, stderr %q; want a refusal naming images/pages-1.img", r.ExitCode, r.Stderr)
-	}
-	if out := e.mustHot("ps", "-aq"); strings.TrimSpace(out) != "" {
-		t.Fatalf("a refused import left containers: %q", out)
-	}
-	if ents, _ := filepath.Glob(filepath.Join(e.runRoot, ".import-*")); len(ents) != 0 {
-		t.Fatalf("a refused import left staging dirs: %v", ents)
+	// Corrupted copies are refused before anything is created, naming the member.
+	for _, tc := range []struct{ kind, member, reason string }{
+		{"flip", "images/pages-1.img", "sha256"},
+		{"truncate", "images/pages-1.img", "truncated"},
+		{"drop", "images/core-1.img", "missing"},
+	} {
+		bad := filepath.Join(t.TempDir(), "bad.ckpt")
+		corruptArchive(t, archive, bad, tc.kind, tc.member)
+		r := e.hot("restore", "--import", bad, "--name", "web")
+		if r.ExitCode == 0 || !strings.Contains(r.Stderr, "member "+tc.member) || !strings.Contains(r.Stderr, tc.reason) {
+			t.Fatalf("%s %s: exit %d, stderr %q; want a refusal naming the member (%s)", tc.kind, tc.member, r.ExitCode, r.Stderr, tc.reason)
+		}
+		if out := e.mustHot("ps", "-aq"); strings.TrimSpace(out) != "" {
+			t.Fatalf("a refused import left containers: %q", out)
+		}
+		if ents, _ := filepath.Glob(filepath.Join(e.runRoot, ".import-*")); len(ents) != 0 {
+			t.Fatalf("a refused import left staging dirs: %v", ents)
+		}
 	}
 
 	// Into a store without the image: refused naming the image digest.
 	other := &env{t: t, root: filepath.Join(t.TempDir(), "root"), runRoot: filepath.Join(e.runRoot, "other"), bridge: e.bridge, subnet: e.subnet}
-	r = other.hot("restore", "--import", archive)
+	r := other.hot("restore", "--import", archive)
 	if r.ExitCode == 0 || !strings.Contains(r.Stderr, c0.ImageID.String()) {
 		t.Fatalf("import without the image: exit %d, stderr %q; want a refusal naming %s", r.ExitCode, r.Stderr, c0.ImageID)
 	}
@@ -330,9 +339,9 @@ func TestExportRemoveImport(t *testing.T) {
 	checkClean(t, load)
 }
 
-// corruptArchiveMember copies a (zstd) archive to dst as plain tar with one byte of member
-// flipped.
-func corruptArchiveMember(t *testing.T, src, dst, member string) {
+// corruptArchive copies a (zstd) archive to dst as plain tar, corrupted: "flip" one byte of
+// member, "truncate" the file in the middle of member, or "drop" member.
+func corruptArchive(t *testing.T, src, dst, kind, member string) {
 	t.Helper()
 	out, err := exec.Command("sh", "-c", "zstd -dc '"+src+"' > '"+dst+"'").CombinedOutput()
 	if err != nil {
@@ -342,17 +351,49 @@ func corruptArchiveMember(t *testing.T, src, dst, member string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Tar headers are 512-byte blocks with the name first; the data follows the header block.
-	for off := 0; off+512 <= len(b); off += 512 {
-		if strings.HasPrefix(string(b[off:off+100]), member+"\x00") {
-			b[off+512+100] ^= 0xff
-			if err := os.WriteFile(dst, b, 0o600); err != nil {
+	if kind == "drop" {
+		tr := tar.NewReader(bytes.NewReader(b))
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		for {
+			hdr, err := tr.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
-			return
+			data, _ := io.ReadAll(tr)
+			if hdr.Name == member {
+				continue
+			}
+			tw.WriteHeader(hdr)
+			tw.Write(data)
+		}
+		tw.Close()
+		b = buf.Bytes()
+	} else {
+		// Tar headers are 512-byte blocks with the name first; the data follows the header.
+		off := -1
+		for o := 0; o+512 <= len(b); o += 512 {
+			if strings.HasPrefix(string(b[o:o+100]), member+"\x00") {
+				off = o
+				break
+			}
+		}
+		if off < 0 {
+			t.Fatalf("member %s not found in %s", member, src)
+		}
+		switch kind {
+		case "flip":
+			b[off+512+100] ^= 0xff
+		case "truncate":
+			b = b[:off+512+1000]
 		}
 	}
-	t.Fatalf("member %s not found in %s", member, src)
+	if err := os.WriteFile(dst, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // inspectCheckpoint runs `hot checkpoint inspect` and checks it shows the app, its memory, its
