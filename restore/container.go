@@ -25,15 +25,16 @@ const HelperCommand = "__restore"
 
 // helperArgs is what the monitor op passes to the helper (JSON on its stdin).
 type helperArgs struct {
-	CRIU      criubin.Binary            `json:"criu"`
-	ImagesDir string                    `json:"imagesDir"`
-	Root      string                    `json:"root"`
-	NetnsPath string                    `json:"netnsPath,omitempty"`
-	NetnsKey  string                    `json:"netnsKey,omitempty"`
-	Lazy      bool                      `json:"lazy,omitempty"`
-	Cgroup    string                    `json:"cgroup,omitempty"`
-	Failpoint string                    `json:"failpoint,omitempty"`
-	Externals []checkpoint.ExternalFile `json:"externals,omitempty"`
+	CRIU       criubin.Binary            `json:"criu"`
+	ImagesDir  string                    `json:"imagesDir"`
+	Root       string                    `json:"root"`
+	NetnsPath  string                    `json:"netnsPath,omitempty"`
+	NetnsKey   string                    `json:"netnsKey,omitempty"`
+	Lazy       bool                      `json:"lazy,omitempty"`
+	Cgroup     string                    `json:"cgroup,omitempty"`
+	Failpoint  string                    `json:"failpoint,omitempty"`
+	PageServer string                    `json:"pageServer,omitempty"`
+	Externals  []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
 // helperResult is what the helper writes to fd 3.
@@ -47,7 +48,9 @@ type ContainerOptions struct {
 	CRIU      criubin.Binary
 	Lazy      bool
 	Failpoint string // tests only: FailAfterRestore
-	Logger    *slog.Logger
+	// PageServer pulls the pages from a remote page server (with Lazy; see Options.PageServer).
+	PageServer string
+	Logger     *slog.Logger
 }
 
 // ContainerResult is what Container did.
@@ -102,7 +105,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
 		}
 		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
-			Cgroup: c.Cgroup, Failpoint: o.Failpoint}
+			Cgroup: c.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer}
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
 		}
@@ -239,7 +242,7 @@ func helperMain(ctx context.Context) (*Result, error) {
 		defer f.Close()
 		inherit[x.Key] = f
 	}
-	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint}
+	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint, PageServer: a.PageServer}
 	if a.Cgroup != "" {
 		// CRIU and the tree it restores inherit the helper's cgroups: the container's.
 		cg, err := cgroups.Load(a.Cgroup)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,6 +40,10 @@ type Options struct {
 	// Failpoint (tests only): FailAfterRestore makes CRIU fail once the tree is restored but
 	// before it resumes (its post-restore notification answers an error; CRIU kills the tree).
 	Failpoint string
+	// PageServer (host:port), with Lazy, makes the lazy-pages daemon pull the pages from a
+	// CRIU page server there (a `criu dump --lazy-pages` on another host) instead of reading
+	// them from ImagesDir: post-copy migration.
+	PageServer string
 	// InheritFds passes further files to CRIU (key → file), e.g. the container's stdio.
 	InheritFds map[string]*os.File
 	Logger     *slog.Logger
@@ -124,7 +129,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	start := time.Now()
 	var lazy *lazyDaemon
 	if opts.Lazy {
-		lazy, err = startLazyPages(ctx, opts.CRIU, opts.ImagesDir)
+		lazy, err = startLazyPages(ctx, opts.CRIU, opts.ImagesDir, opts.PageServer)
 		if err != nil {
 			return nil, err
 		}
@@ -208,9 +213,16 @@ func (d *lazyDaemon) stop() {
 }
 
 // startLazyPages starts `criu lazy-pages` on the images and waits until its socket exists.
-func startLazyPages(ctx context.Context, b criubin.Binary, imagesDir string) (*lazyDaemon, error) {
-	cmd := exec.Command(b.Path, "lazy-pages", "--images-dir", imagesDir, "--work-dir", imagesDir,
-		"--log-file", LazyPagesLog, "-v4")
+func startLazyPages(ctx context.Context, b criubin.Binary, imagesDir, pageServer string) (*lazyDaemon, error) {
+	args := []string{"lazy-pages", "--images-dir", imagesDir, "--work-dir", imagesDir, "--log-file", LazyPagesLog, "-v4"}
+	if pageServer != "" {
+		host, port, err := net.SplitHostPort(pageServer)
+		if err != nil {
+			return nil, fmt.Errorf("restore: page server %q: %w", pageServer, err)
+		}
+		args = append(args, "--page-server", "--address", host, "--port", port)
+	}
+	cmd := exec.Command(b.Path, args...)
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("restore: start criu lazy-pages: %w", err)
 	}

@@ -61,7 +61,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newImageCmd(opts),
 	)
 	// Commands acting on containers first finish updates a killed hot left behind.
-	for _, group := range [][]*cobra.Command{containerCommands(opts), checkpointCommands(opts), updateCommands(opts)} {
+	for _, group := range [][]*cobra.Command{containerCommands(opts), checkpointCommands(opts), updateCommands(opts), migrateCommands(opts)} {
 		for _, c := range group {
 			if !c.Hidden {
 				c.Annotations = map[string]string{annotateRecover: "1"}

@@ -1,0 +1,550 @@
+package migrate
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/hotctl/hot/checkpoint"
+	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/cowfs"
+	"github.com/hotctl/hot/criubin"
+	"github.com/hotctl/hot/events"
+	"github.com/hotctl/hot/network"
+	"github.com/hotctl/hot/restore"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Options configure a migration.
+type Options struct {
+	To    string // the target agent, host:port
+	Token []byte
+	TLS   TLSFiles
+	CRIU  criubin.Binary
+	Lazy  bool
+	// Progress is called while data is sent (at most every 100 ms and once at the end of
+	// each transfer) with the transfer's name, bytes sent and bytes in total.
+	Progress func(what string, sent, total int64, elapsed time.Duration)
+	// Failpoint is for tests: "tamper" flips a byte of the stream after it was hashed.
+	Failpoint string
+	Events    *events.Recorder
+	Logger    *slog.Logger
+}
+
+// Summary is what a migration did.
+type Summary struct {
+	Container string `json:"container"`
+	To        string `json:"to"`
+	Outcome   string `json:"outcome"` // migrated, restored-locally
+	Reason    string `json:"reason,omitempty"`
+	Mode      string `json:"mode"` // stop-and-copy, lazy
+	ImagePush int64  `json:"imagePushBytes"`
+	// StreamBytes is the migration stream (CRIU images, upper layer, state) as sent.
+	StreamBytes int64   `json:"streamBytes"`
+	StreamMBps  float64 `json:"streamMBps"`
+	DumpMS      float64 `json:"dumpMs"`
+	// DowntimeMS: from the freeze until the target reported the processes running again.
+	DowntimeMS float64 `json:"downtimeMs"`
+	TotalMS    float64 `json:"totalMs"`
+	Target     *Result `json:"target,omitempty"`
+}
+
+// Migrate moves the running container ref to the agent at o.To: preflight, push the image
+// if the target lacks it, freeze and dump, stream, and let the target restore. The local copy
+// is removed only after the target confirmed that the processes run there; on any failure
+// before that, the container is restored here from its images (nothing is lost) and the
+// error says so.
+func Migrate(ctx context.Context, mgr *container.Manager, store *cowfs.Store, ref string, o Options) (*Summary, error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	rec := o.Events
+	if rec == nil {
+		rec = events.NewRecorder("migrate", ref)
+	}
+	cl, err := newClient(o)
+	if err != nil {
+		return nil, err
+	}
+	s := &sender{mgr: mgr, store: store, o: o, log: log, rec: rec, cl: cl, start: time.Now()}
+	s.sum.To, s.sum.Mode = o.To, "stop-and-copy"
+	if o.Lazy {
+		s.sum.Mode = "lazy"
+	}
+	var migrated bool
+	err = mgr.WithLock(ctx, ref, func(st *container.State) error {
+		s.st = st
+		s.sum.Container = st.Name
+		var err error
+		migrated, err = s.run(ctx)
+		return err
+	})
+	s.sum.TotalMS = ms(time.Since(s.start))
+	if err != nil {
+		return &s.sum, err
+	}
+	if migrated {
+		// The target runs the container: the local copy (checkpointed, off the segment) goes.
+		span := rec.Start("cleanup")
+		if err := mgr.Remove(context.WithoutCancel(ctx), s.st.ID, true); err != nil {
+			span.End(err, nil)
+			return &s.sum, fmt.Errorf("%s runs on %s, but removing the local copy failed (remove it with 'hot rm -f %s'): %w", s.st.Name, o.To, s.st.Name, err)
+		}
+		span.End(nil, nil)
+		s.sum.TotalMS = ms(time.Since(s.start))
+	}
+	return &s.sum, nil
+}
+
+type sender struct {
+	mgr   *container.Manager
+	store *cowfs.Store
+	o     Options
+	log   *slog.Logger
+	rec   *events.Recorder
+	cl    *client
+	st    *container.State
+	gen   *container.Generation
+	extra []string // lower dirs above the image's layers (earlier generations' uppers)
+	imgs  string   // CRIU images dir
+	start time.Time
+	sum   Summary
+}
+
+// run is the migration, top to bottom. It reports whether the target confirmed.
+func (s *sender) run(ctx context.Context) (bool, error) {
+	st := s.st
+	// ── preflight: nothing is touched ──
+	span := s.rec.Start("preflight")
+	pre, err := s.preflight(ctx)
+	if err != nil {
+		return false, span.End(err, nil)
+	}
+	span.End(nil, map[string]any{"target": pre.Target.Kernel, "criu": pre.Target.CRIUVersion, "haveImage": pre.HaveImage})
+
+	// ── push the image before anything stops ──
+	if !pre.HaveImage {
+		span = s.rec.Start("push-image")
+		n, err := s.pushImage(ctx)
+		if err != nil {
+			return false, span.End(err, nil)
+		}
+		s.sum.ImagePush = n
+		span.End(nil, map[string]any{"bytes": n})
+	}
+
+	// ── freeze + dump; from here on, any failure restores the container here ──
+	freezeStart := time.Now()
+	s.imgs = filepath.Join(s.mgr.RunDir(st.ID), "migrate-out")
+	if err := os.RemoveAll(s.imgs); err != nil {
+		return false, err
+	}
+	span = s.rec.Start("dump")
+	dres, err := checkpoint.ContainerLocked(ctx, s.mgr, st, checkpoint.ContainerOptions{CRIU: s.o.CRIU, ImagesDir: s.imgs, Logger: s.log})
+	if err != nil {
+		// Dump thawed the processes and removed CRIU's lock: the container runs as before.
+		os.RemoveAll(s.imgs)
+		return false, span.End(fmt.Errorf("migrate %s: dump failed, the container keeps running here: %w", st.Name, err), nil)
+	}
+	s.sum.DumpMS = ms(dres.Stats.Total)
+	span.End(nil, map[string]any{"bytes": dres.Stats.BytesWritten, "freezeMs": ms(dres.Stats.Freeze)})
+	if err := s.mgr.Save(st); err != nil {
+		return false, s.restoreHere(ctx, err)
+	}
+	// The address leaves this host's segment: the target claims it.
+	if st.Network.HostVeth != "" {
+		if err := network.SetHostLink(st.Network.HostVeth, false); err != nil {
+			return false, s.restoreHere(ctx, err)
+		}
+	}
+
+	// ── stream; the target verifies everything, then restores ──
+	span = s.rec.Start("transfer")
+	res, err := s.stream(ctx)
+	if err != nil {
+		span.End(err, nil)
+		return false, s.restoreHere(ctx, err)
+	}
+	s.sum.DowntimeMS = ms(time.Since(freezeStart))
+	s.sum.Target = res
+	span.End(nil, map[string]any{"bytes": s.sum.StreamBytes, "MBps": s.sum.StreamMBps, "restoreMs": res.RestoreMS, "heldPackets": res.Held})
+	s.rec.Note("confirmed", map[string]any{"target": s.o.To, "id": res.ID, "pid": res.PID, "downtimeMs": s.sum.DowntimeMS})
+	s.sum.Outcome = "migrated"
+	os.RemoveAll(s.imgs)
+	return true, nil
+}
+
+func (s *sender) preflight(ctx context.Context) (*PreflightResponse, error) {
+	st := s.st
+	c := s.mgr.Reconciled(st)
+	if c.Status != container.StatusRunning {
+		reason := ""
+		if c.Reason != "" {
+			reason = " (" + c.Reason + ")"
+		}
+		return nil, fmt.Errorf("container %s is %s%s: only a running container can be migrated", st.Name, c.Status, reason)
+	}
+	if s.o.CRIU.Path == "" {
+		return nil, errors.New("no CRIU binary given")
+	}
+	if s.gen = st.CurrentGeneration(); s.gen == nil {
+		return nil, fmt.Errorf("container %s has no current generation in its state", st.Name)
+	}
+	img, err := s.store.Resolve(ctx, s.gen.ImageID.String())
+	if err != nil {
+		return nil, fmt.Errorf("container %s: its image: %w", st.Name, err)
+	}
+	if len(s.gen.LowerDirs) < len(img.LayerDirs) || !slices.Equal(s.gen.LowerDirs[:len(img.LayerDirs)], img.LayerDirs) {
+		return nil, fmt.Errorf("container %s: its root is not its image's layers plus its own: cannot migrate this layer stack", st.Name)
+	}
+	s.extra = s.gen.LowerDirs[len(img.LayerDirs):]
+	facts, err := LocalFacts(s.o.CRIU.Version.String())
+	if err != nil {
+		return nil, err
+	}
+	req := PreflightRequest{Name: st.Name, Image: s.gen.Image, ImageID: img.ID, DiffIDs: img.Config.RootFS.DiffIDs,
+		IP: st.Network.IP, Bridge: st.Network.Bridge, Subnet: st.Network.Subnet, Lazy: s.o.Lazy, Source: facts}
+	var resp PreflightResponse
+	if err := s.cl.postJSON(ctx, PathPreflight, req, &resp); err != nil {
+		return nil, fmt.Errorf("preflight with %s: %w", s.o.To, err)
+	}
+	if len(resp.Problems) > 0 {
+		return nil, fmt.Errorf("preflight: %s refuses %s: %s", s.o.To, st.Name, joinProblems(resp.Problems))
+	}
+	return &resp, nil
+}
+
+func joinProblems(p []string) string {
+	var b bytes.Buffer
+	for i, x := range p {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(x)
+	}
+	return b.String()
+}
+
+// pushImage sends the container's image as an OCI archive; the target imports it with the
+// store's verification (every blob against its digest).
+func (s *sender) pushImage(ctx context.Context) (int64, error) {
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(s.store.Export(ctx, s.gen.ImageID.String(), pw)) }()
+	body := s.progressReader("image", pr, -1)
+	var resp ImageResponse
+	err := s.cl.post(ctx, PathImage+"?id="+s.gen.ImageID.String(), "application/x-tar", body, -1, &resp)
+	pr.CloseWithError(io.ErrClosedPipe)
+	if err != nil {
+		return 0, fmt.Errorf("push image %s to %s: %w", s.gen.Image, s.o.To, err)
+	}
+	return body.n.Load(), nil
+}
+
+// restoreHere brings the container back on this host after a failure past the dump.
+func (s *sender) restoreHere(ctx context.Context, cause error) error {
+	st := s.st
+	span := s.rec.Start("restore-here")
+	ctx = context.WithoutCancel(ctx)
+	if st.Network.HostVeth != "" {
+		if err := network.SetHostLink(st.Network.HostVeth, true); err != nil {
+			s.log.Error("put the container back on the bridge", "error", err)
+		}
+	}
+	_, err := restore.ContainerLocked(ctx, s.mgr, st, restore.ContainerOptions{CRIU: s.o.CRIU, Logger: s.log})
+	if err == nil {
+		// The caller returns an error, so WithLock will not save the state: do it here.
+		err = s.mgr.Save(st)
+	}
+	s.sum.Outcome, s.sum.Reason = "restored-locally", cause.Error()
+	if err != nil {
+		span.End(err, nil)
+		return fmt.Errorf("migrate %s failed (%v) and restoring it here failed too (images kept in %s; retry with 'hot restore %s'): %w", st.Name, cause, s.imgs, st.Name, err)
+	}
+	if st.Network.NetnsPath != "" && st.Network.IP.IsValid() {
+		// The target may have announced the address already: take it back.
+		if err := network.Announce(st.Network.NetnsPath, st.Network.IP, 3, 50*time.Millisecond); err != nil {
+			s.log.Warn("gratuitous ARP", "error", err)
+		}
+	}
+	span.End(nil, nil)
+	return fmt.Errorf("migrate %s to %s failed, the container runs here again with its connections: %w", st.Name, s.o.To, cause)
+}
+
+// stream sends the migration stream and waits for the target's answer.
+func (s *sender) stream(ctx context.Context) (*Result, error) {
+	st := s.st
+	rec, err := checkpoint.LoadRecord(s.mgr.Dir(st.ID))
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint record: %w", err)
+	}
+	spec, err := readSpec(s.mgr.Dir(st.ID))
+	if err != nil {
+		return nil, err
+	}
+	state := State{Name: st.Name, Image: s.gen.Image, ImageID: s.gen.ImageID, Generation: s.gen.N, ExtraLowers: len(s.extra),
+		Network: st.Network, Resources: st.Resources, Spec: spec, NetnsKey: rec.NetnsKey, Externals: rec.Externals,
+		CRIUVersion: rec.CRIUVersion}
+	stateRaw, err := json.Marshal(state)
+	if err != nil {
+		return nil, err
+	}
+	// The layers are archived to files first: a tar member needs its size up front.
+	tmp, err := os.MkdirTemp(s.mgr.RunDir(st.ID), "migrate-layers-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	var files []streamFile
+	for i, d := range append(slices.Clone(s.extra), s.gen.Upper) {
+		name := memberUpper
+		if i < len(s.extra) {
+			name = fmt.Sprintf(memberLower, i)
+		}
+		p := filepath.Join(tmp, name)
+		if err := writeUpperFile(ctx, p, d); err != nil {
+			return nil, err
+		}
+		files = append(files, streamFile{name, p})
+	}
+	ents, err := os.ReadDir(s.imgs)
+	if err != nil {
+		return nil, fmt.Errorf("list images: %w", err)
+	}
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			files = append(files, streamFile{memberImages + e.Name(), filepath.Join(s.imgs, e.Name())})
+		}
+	}
+	total := int64(len(stateRaw))
+	for _, f := range files {
+		fi, err := os.Stat(f.path)
+		if err != nil {
+			return nil, err
+		}
+		total += fi.Size()
+	}
+
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(s.writeStream(ctx, pw, stateRaw, files)) }()
+	body := s.progressReader("stream", pr, total)
+	start := time.Now()
+	var res Result
+	err = s.cl.post(ctx, PathMigration, "application/x-tar", body, -1, &res)
+	pr.CloseWithError(io.ErrClosedPipe)
+	s.sum.StreamBytes = body.n.Load()
+	if d := time.Since(start).Seconds(); d > 0 {
+		s.sum.StreamMBps = float64(s.sum.StreamBytes) / 1e6 / d
+	}
+	if err != nil {
+		return nil, fmt.Errorf("send %s to %s: %w", st.Name, s.o.To, err)
+	}
+	return &res, nil
+}
+
+// streamFile is a member read from a file.
+type streamFile struct{ name, path string }
+
+// writeStream writes the members (state, layers, images) and the manifest.
+func (s *sender) writeStream(ctx context.Context, w io.Writer, stateRaw []byte, files []streamFile) error {
+	tw := tar.NewWriter(w)
+	var members []Member
+	add := func(name string, size int64, r io.Reader) error {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o600, Size: size, ModTime: time.Unix(0, 0), Format: tar.FormatPAX}); err != nil {
+			return err
+		}
+		h := sha256.New()
+		var dst io.Writer = io.MultiWriter(tw, h)
+		if s.o.Failpoint == "tamper" && strings.HasPrefix(name, memberImages+"pages-") {
+			dst = &tamperWriter{w: tw, h: h}
+		}
+		n, err := io.Copy(dst, r)
+		if err != nil {
+			return fmt.Errorf("stream %s: %w", name, err)
+		}
+		members = append(members, Member{Name: name, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))})
+		return nil
+	}
+	if err := add(memberState, int64(len(stateRaw)), bytes.NewReader(stateRaw)); err != nil {
+		return err
+	}
+	for _, f := range files {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		fh, err := os.Open(f.path)
+		if err != nil {
+			return err
+		}
+		fi, err := fh.Stat()
+		if err == nil {
+			err = add(f.name, fi.Size(), fh)
+		}
+		fh.Close()
+		if err != nil {
+			return err
+		}
+	}
+	man, err := json.Marshal(Manifest{Members: members, MAC: manifestMAC(s.o.Token, members)})
+	if err != nil {
+		return err
+	}
+	if err := tw.WriteHeader(&tar.Header{Name: memberManifest, Typeflag: tar.TypeReg, Mode: 0o600, Size: int64(len(man)), ModTime: time.Unix(0, 0), Format: tar.FormatPAX}); err != nil {
+		return err
+	}
+	if _, err := tw.Write(man); err != nil {
+		return err
+	}
+	return tw.Close()
+}
+
+// tamperWriter (failpoint) hashes the true bytes but sends the first one altered, like a
+// corrupting link or a man in the middle would.
+type tamperWriter struct {
+	w    io.Writer
+	h    io.Writer
+	done bool
+}
+
+func (t *tamperWriter) Write(b []byte) (int, error) {
+	t.h.Write(b)
+	if t.done || len(b) == 0 {
+		return t.w.Write(b)
+	}
+	t.done = true
+	c := slices.Clone(b)
+	c[len(c)/2] ^= 0xff
+	return t.w.Write(c)
+}
+
+func writeUpperFile(ctx context.Context, path, dir string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = cowfs.WriteUpperTar(ctx, f, dir)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func readSpec(dir string) (*specs.Spec, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read container config: %w", err)
+	}
+	var sp specs.Spec
+	if err := json.Unmarshal(b, &sp); err != nil {
+		return nil, fmt.Errorf("decode container config: %w", err)
+	}
+	return &sp, nil
+}
+
+// progress counts bytes read through it and reports them.
+type progress struct {
+	r     io.Reader
+	n     atomic.Int64
+	what  string
+	total int64
+	start time.Time
+	last  time.Time
+	fn    func(string, int64, int64, time.Duration)
+}
+
+func (s *sender) progressReader(what string, r io.Reader, total int64) *progress {
+	return &progress{r: r, what: what, total: total, start: time.Now(), fn: s.o.Progress}
+}
+
+func (p *progress) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	v := p.n.Add(int64(n))
+	if p.fn != nil {
+		if now := time.Now(); err != nil || now.Sub(p.last) >= 100*time.Millisecond {
+			p.last = now
+			p.fn(p.what, v, p.total, now.Sub(p.start))
+		}
+	}
+	return n, err
+}
+
+// client talks to an agent.
+type client struct {
+	base  string
+	token []byte
+	hc    *http.Client
+}
+
+func newClient(o Options) (*client, error) {
+	if o.To == "" {
+		return nil, errors.New("no target agent given: use --to HOST:PORT")
+	}
+	if len(o.Token) == 0 {
+		return nil, errors.New("no token given: use --token-file (the same token as the agent's)")
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil // agents are reached directly
+	scheme := "http"
+	if o.TLS.enabled() {
+		cfg, err := o.TLS.config(false)
+		if err != nil {
+			return nil, err
+		}
+		tr.TLSClientConfig, scheme = cfg, "https"
+	}
+	return &client{base: scheme + "://" + o.To, token: o.Token, hc: &http.Client{Transport: tr}}, nil
+}
+
+func (c *client) postJSON(ctx context.Context, path string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	return c.post(ctx, path, "application/json", bytes.NewReader(b), int64(len(b)), out)
+}
+
+func (c *client) post(ctx context.Context, path, ctype string, body io.Reader, size int64, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if size >= 0 {
+		req.ContentLength = size
+	}
+	req.Header.Set("Content-Type", ctype)
+	req.Header.Set("Authorization", "Bearer "+string(c.token))
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxStateSize))
+	if err != nil {
+		return fmt.Errorf("read answer: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e ErrorResponse
+		if json.Unmarshal(data, &e) == nil && e.Error != "" {
+			return fmt.Errorf("agent answered %s: %s", resp.Status, e.Error)
+		}
+		return fmt.Errorf("agent answered %s", resp.Status)
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("decode answer: %w", err)
+	}
+	return nil
+}
