@@ -5,6 +5,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -44,7 +45,24 @@ type Manifest struct {
 	CPUFlags    []string      `json:"cpuFlags"`
 	Container   ContainerInfo `json:"container"`
 	Record      Record        `json:"record"` // the checkpoint record (externals, netns key, stats)
-	Members     []Member      `json:"members"`
+	// PageServer, when set, says the images hold no memory pages: a restore pulls them from
+	// the CRIU page server at this host:port (post-copy migration, restore.Options.PageServer).
+	PageServer string   `json:"pageServer,omitempty"`
+	Members    []Member `json:"members"`
+	// MAC, when set, is ManifestMAC of the manifest: written with ArchiveInput.MACKey, checked
+	// by ReadArchiveFrom with the same key before any member is accepted.
+	MAC string `json:"mac,omitempty"`
+}
+
+// ManifestMAC is the HMAC-SHA256, keyed with key, of m's JSON with MAC empty. With the
+// manifest authenticated, every member is too (their sha256 sums are in it), so a stream
+// altered on the way is refused even without TLS.
+func ManifestMAC(key []byte, m Manifest) string {
+	m.MAC = ""
+	b, _ := json.Marshal(m)
+	h := hmac.New(sha256.New, key)
+	h.Write(b)
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // ContainerInfo is what recreating the container needs besides config.json and the upper layer.
@@ -74,13 +92,49 @@ type ArchiveInput struct {
 	Config    string // path of config.json
 	UpperDir  string // the container's upper directory
 	Zstd      bool   // compress the archive with zstd
+	// TmpDir holds the packed upper layer while the archive is written (WriteArchiveTo;
+	// WriteArchive uses the archive's directory).
+	TmpDir string
+	// MACKey, when set, authenticates the manifest (Manifest.MAC, see ManifestMAC).
+	MACKey []byte
 }
 
 // WriteArchive writes a checkpoint archive to path (atomically: a temp file renamed in place).
-// The upper directory is packed first into a temporary file so that the manifest, which comes
-// first, can name every member's checksum.
 func WriteArchive(ctx context.Context, path string, in ArchiveInput) (*Manifest, error) {
-	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".hot-export-")
+	if in.TmpDir == "" {
+		in.TmpDir = filepath.Dir(path)
+	}
+	out, err := os.CreateTemp(filepath.Dir(path), ".hot-export-*.tmp")
+	if err != nil {
+		return nil, fmt.Errorf("export: %w", err)
+	}
+	defer os.Remove(out.Name())
+	defer out.Close()
+	bw := bufio.NewWriterSize(out, 1<<20)
+	m, err := WriteArchiveTo(ctx, bw, in)
+	if err != nil {
+		return nil, err
+	}
+	if err := bw.Flush(); err != nil {
+		return nil, err
+	}
+	if err := out.Sync(); err != nil {
+		return nil, err
+	}
+	if err := out.Close(); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(out.Name(), path); err != nil {
+		return nil, fmt.Errorf("export: %w", err)
+	}
+	return m, nil
+}
+
+// WriteArchiveTo writes a checkpoint archive to w, e.g. a network stream. The upper directory
+// is packed first into a temporary file under in.TmpDir and every member is hashed, so that
+// the manifest, which comes first, can name every member's checksum.
+func WriteArchiveTo(ctx context.Context, w io.Writer, in ArchiveInput) (*Manifest, error) {
+	tmpDir, err := os.MkdirTemp(in.TmpDir, ".hot-export-")
 	if err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
@@ -104,9 +158,9 @@ func WriteArchive(ctx context.Context, path string, in ArchiveInput) (*Manifest,
 	m := in.Manifest
 	m.Version, m.Created = ArchiveVersion, time.Now().UTC()
 	m.HotVersion = buildinfo.Read().Version
-	m.Kernel = kernelRelease()
-	m.CPUFlags = cpuFlags()
-	m.Members = nil
+	m.Kernel = KernelRelease()
+	m.CPUFlags = CPUFlags()
+	m.Members, m.MAC = nil, ""
 	for _, s := range srcs {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -117,22 +171,16 @@ func WriteArchive(ctx context.Context, path string, in ArchiveInput) (*Manifest,
 		}
 		m.Members = append(m.Members, Member{Name: s.name, Size: size, SHA256: sum})
 	}
+	if len(in.MACKey) > 0 {
+		m.MAC = ManifestMAC(in.MACKey, m)
+	}
 	mb, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return nil, err
 	}
-
-	out, err := os.CreateTemp(filepath.Dir(path), ".hot-export-*.tmp")
-	if err != nil {
-		return nil, fmt.Errorf("export: %w", err)
-	}
-	defer os.Remove(out.Name())
-	defer out.Close()
-	bw := bufio.NewWriterSize(out, 1<<20)
-	var w io.Writer = bw
 	var zw *zstd.Encoder
 	if in.Zstd {
-		zw, err = zstd.NewWriter(bw, zstd.WithEncoderLevel(zstd.SpeedFastest))
+		zw, err = zstd.NewWriter(w, zstd.WithEncoderLevel(zstd.SpeedFastest))
 		if err != nil {
 			return nil, err
 		}
@@ -157,18 +205,6 @@ func WriteArchive(ctx context.Context, path string, in ArchiveInput) (*Manifest,
 		if err := zw.Close(); err != nil {
 			return nil, err
 		}
-	}
-	if err := bw.Flush(); err != nil {
-		return nil, err
-	}
-	if err := out.Sync(); err != nil {
-		return nil, err
-	}
-	if err := out.Close(); err != nil {
-		return nil, err
-	}
-	if err := os.Rename(out.Name(), path); err != nil {
-		return nil, fmt.Errorf("export: %w", err)
 	}
 	return &m, nil
 }
@@ -231,6 +267,13 @@ func ReadArchive(ctx context.Context, path, dir string) (*Manifest, error) {
 		return nil, fmt.Errorf("import: %w", err)
 	}
 	defer f.Close()
+	return ReadArchiveFrom(ctx, f, path, dir, nil)
+}
+
+// ReadArchiveFrom is ReadArchive for an archive read from f (e.g. a network stream; path
+// names it in errors). With macKey, the manifest must carry a matching MAC (ManifestMAC),
+// checked before any member is read: a manifest from anyone without the key is refused.
+func ReadArchiveFrom(ctx context.Context, f io.Reader, path, dir string, macKey []byte) (*Manifest, error) {
 	bad := func(member, format string, a ...any) error {
 		return &ArchiveError{File: path, Member: member, Reason: fmt.Sprintf(format, a...)}
 	}
@@ -262,6 +305,9 @@ func ReadArchive(ctx context.Context, path, dir string) (*Manifest, error) {
 	}
 	if m.Version != ArchiveVersion {
 		return nil, bad(ManifestMember, "format version %d, this hot reads %d", m.Version, ArchiveVersion)
+	}
+	if len(macKey) > 0 && !hmac.Equal([]byte(ManifestMAC(macKey, m)), []byte(m.MAC)) {
+		return nil, bad(ManifestMember, "its MAC does not match: altered on the way, or written with another key")
 	}
 	want := map[string]Member{}
 	for _, mem := range m.Members {
@@ -354,26 +400,33 @@ func checkMemberName(name string) error {
 // CheckHost compares a manifest with this host: CRIU cannot restore on a CPU lacking features
 // the dumped processes may use. It returns the missing CPU flags (nil when none).
 func (m *Manifest) CheckHost() []string {
-	have := map[string]bool{}
-	for _, f := range cpuFlags() {
-		have[f] = true
+	return MissingFlags(m.CPUFlags, CPUFlags())
+}
+
+// MissingFlags returns the CPU flags of want that have lacks: a process dumped on a CPU with
+// want may have picked code paths by them (glibc ifuncs, a JIT) and die of SIGILL on have.
+func MissingFlags(want, have []string) []string {
+	set := map[string]bool{}
+	for _, f := range have {
+		set[f] = true
 	}
 	var missing []string
-	for _, f := range m.CPUFlags {
-		if !have[f] {
+	for _, f := range want {
+		if !set[f] {
 			missing = append(missing, f)
 		}
 	}
 	return missing
 }
 
-func kernelRelease() string {
+// KernelRelease is this host's kernel release (uname -r).
+func KernelRelease() string {
 	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	return strings.TrimSpace(string(b))
 }
 
-// cpuFlags returns the "flags" of the first CPU in /proc/cpuinfo, sorted.
-func cpuFlags() []string {
+// CPUFlags returns the "flags" of the first CPU in /proc/cpuinfo, sorted.
+func CPUFlags() []string {
 	b, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
 		return nil

@@ -205,3 +205,44 @@ func TestExtractDirTarRefusesEscapes(t *testing.T) {
 		})
 	}
 }
+
+// An archive streamed with a MAC key is accepted with that key only, and a manifest edited
+// on the way (here: a member's checksum, as an attacker replacing the member would) is
+// refused before any member is written.
+func TestArchiveStreamMAC(t *testing.T) {
+	in := fakeCheckpoint(t)
+	in.TmpDir, in.MACKey = t.TempDir(), []byte("0123456789abcdef")
+	var buf bytes.Buffer
+	m, err := WriteArchiveTo(context.Background(), &buf, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.MAC == "" || m.MAC != ManifestMAC(in.MACKey, *m) {
+		t.Fatalf("manifest MAC %q", m.MAC)
+	}
+	if _, err := ReadArchiveFrom(context.Background(), bytes.NewReader(buf.Bytes()), "stream", t.TempDir(), in.MACKey); err != nil {
+		t.Fatalf("intact stream refused: %v", err)
+	}
+	_, err = ReadArchiveFrom(context.Background(), bytes.NewReader(buf.Bytes()), "stream", t.TempDir(), []byte("another key, 16+"))
+	if !errors.Is(err, ErrBadArchive) || !strings.Contains(err.Error(), "MAC") {
+		t.Errorf("stream read with another key: %v", err)
+	}
+	file := filepath.Join(t.TempDir(), "s.tar")
+	os.WriteFile(file, buf.Bytes(), 0o600)
+	rewrite(t, file, func(hdr *tar.Header, data []byte) []byte {
+		if hdr.Name == ManifestMember {
+			return bytes.Replace(data, []byte(m.Members[2].SHA256), []byte(strings.Repeat("0", 64)), 1)
+		}
+		return data
+	})
+	out := t.TempDir()
+	f, _ := os.Open(file)
+	defer f.Close()
+	_, err = ReadArchiveFrom(context.Background(), f, "stream", out, in.MACKey)
+	if !errors.Is(err, ErrBadArchive) || !strings.Contains(err.Error(), "MAC") {
+		t.Errorf("edited manifest: %v", err)
+	}
+	if ents, _ := os.ReadDir(out); len(ents) > 0 {
+		t.Errorf("refused stream wrote %d entries", len(ents))
+	}
+}

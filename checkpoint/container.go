@@ -110,6 +110,19 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 	return res, err
 }
 
+// InfoOf is what an archive records about the container st (ContainerInfo).
+func InfoOf(st *container.State) ContainerInfo {
+	info := ContainerInfo{Name: st.Name, Image: st.Image, ImageID: st.ImageID, Network: st.Network.Mode,
+		Bridge: st.Network.Bridge, Memory: st.Resources.MemoryBytes, Pids: st.Resources.PidsMax}
+	if st.Network.IP.IsValid() {
+		info.IP = st.Network.IP.String()
+	}
+	if st.Network.Subnet.IsValid() {
+		info.Subnet = st.Network.Subnet.String()
+	}
+	return info
+}
+
 // export writes the archive of the checkpoint just made (see WriteArchive).
 func export(ctx context.Context, mgr *container.Manager, st *container.State, o ContainerOptions, res *ContainerResult) error {
 	t0 := time.Now()
@@ -121,14 +134,7 @@ func export(ctx context.Context, mgr *container.Manager, st *container.State, o 
 	if gen == nil {
 		return errors.New("no current generation in the container's state")
 	}
-	info := ContainerInfo{Name: st.Name, Image: st.Image, ImageID: st.ImageID, Network: st.Network.Mode,
-		Bridge: st.Network.Bridge, Memory: st.Resources.MemoryBytes, Pids: st.Resources.PidsMax}
-	if st.Network.IP.IsValid() {
-		info.IP = st.Network.IP.String()
-	}
-	if st.Network.Subnet.IsValid() {
-		info.Subnet = st.Network.Subnet.String()
-	}
+	info := InfoOf(st)
 	if _, err := WriteArchive(ctx, o.Export, ArchiveInput{
 		Manifest:  Manifest{CRIUVersion: o.CRIU.Version.String(), Container: info, Record: *rec},
 		ImagesDir: rec.ImagesDir, Config: filepath.Join(mgr.Dir(st.ID), "config.json"), UpperDir: gen.Upper, Zstd: o.Zstd,

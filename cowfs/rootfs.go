@@ -9,7 +9,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -69,7 +68,7 @@ func (s *Store) ImportRootfs(ctx context.Context, src string, opts RootfsOptions
 	pr, pw := io.Pipe()
 	go func() {
 		if fi.IsDir() {
-			pw.CloseWithError(writeDirTar(ctx, pw, src, false))
+			pw.CloseWithError(writeDirTar(ctx, pw, src))
 			return
 		}
 		pw.CloseWithError(copyDecompressed(pw, src))
@@ -146,10 +145,8 @@ func copyDecompressed(w io.Writer, src string) error {
 }
 
 // writeDirTar writes the tree under dir as a tar stream: owners, modes, xattrs, device nodes,
-// fifos, symlinks and hardlinks kept; sockets skipped (they cannot be archived). With upper,
-// dir is an overlay upper: an opaque directory's trusted.overlay.opaque xattr (which
-// extraction ignores, like every trusted.overlay.* xattr) becomes a ".wh..wh..opq" entry.
-func writeDirTar(ctx context.Context, w io.Writer, dir string, upper bool) error {
+// fifos, symlinks and hardlinks kept; sockets skipped (they cannot be archived).
+func writeDirTar(ctx context.Context, w io.Writer, dir string) error {
 	tw := tar.NewWriter(w)
 	type inode struct{ dev, ino uint64 }
 	links := map[inode]string{}
@@ -222,13 +219,6 @@ func writeDirTar(ctx context.Context, w io.Writer, dir string, upper bool) error
 		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return fmt.Errorf("archive %s: %w", p, err)
-		}
-		if upper && hdr.Typeflag == tar.TypeDir && xattrs[xattrOpaque] == "y" {
-			opq := &tar.Header{Name: path.Join(filepath.ToSlash(rel), whiteoutOpaque), Typeflag: tar.TypeReg,
-				Mode: 0o600, ModTime: hdr.ModTime, Format: tar.FormatPAX}
-			if err := tw.WriteHeader(opq); err != nil {
-				return fmt.Errorf("archive %s: %w", p, err)
-			}
 		}
 		if hdr.Typeflag == tar.TypeReg {
 			f, err := os.Open(p)

@@ -1,15 +1,10 @@
 package migrate
 
 import (
-	"archive/tar"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
 	"net"
@@ -62,7 +57,7 @@ type Result struct {
 	Holding   string  `json:"holding"`
 }
 
-// staging directories of incoming streams.
+// staging directories of incoming streams and images.
 func (a *Agent) stagingDirs() []string {
 	return []string{filepath.Join(a.Root, "migrate-in"), filepath.Join(a.RunRoot, "migrate-in")}
 }
@@ -151,7 +146,7 @@ func (a *Agent) fail(w http.ResponseWriter, r *http.Request, code int, err error
 
 func (a *Agent) preflight(w http.ResponseWriter, r *http.Request) {
 	var req PreflightRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, maxStateSize)).Decode(&req); err != nil {
+	if err := json.NewDecoder(io.LimitReader(r.Body, maxAnswerSize)).Decode(&req); err != nil {
 		a.fail(w, r, http.StatusBadRequest, fmt.Errorf("decode preflight request: %w", err))
 		return
 	}
@@ -192,7 +187,7 @@ func compareHosts(source, target HostFacts) []string {
 	case tv.Less(sv):
 		out = append(out, fmt.Sprintf("the target's CRIU %s is older than the source's %s: images may not restore; upgrade CRIU on the target", tv, sv))
 	}
-	if miss := missingFlags(source.CPUFlags, target.CPUFlags); len(miss) > 0 {
+	if miss := checkpoint.MissingFlags(source.CPUFlags, target.CPUFlags); len(miss) > 0 {
 		out = append(out, fmt.Sprintf("the target CPU lacks flags the source has (a restored process could die of SIGILL): %s", strings.Join(miss, " ")))
 	}
 	return out
@@ -260,21 +255,8 @@ func (a *Agent) migration(w http.ResponseWriter, r *http.Request) {
 	a.log().Info("container migrated in", "name", res.Name, "id", res.ID, "pid", res.PID, "bytes", res.Bytes, "restoreMs", res.RestoreMS)
 }
 
-// hashingReader counts and hashes what passes.
-type hashingReader struct {
-	r io.Reader
-	h hash.Hash
-	n int64
-}
-
-func (h *hashingReader) Read(b []byte) (int, error) {
-	n, err := h.r.Read(b)
-	h.h.Write(b[:n])
-	h.n += int64(n)
-	return n, err
-}
-
-// countingReader fails the stream (for tests) after limit bytes.
+// countingReader counts what passes; for tests it ends the agent (like a kill) after limit
+// bytes.
 type countingReader struct {
 	r     io.Reader
 	n     int64
@@ -290,205 +272,80 @@ func (c *countingReader) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// receive reads and verifies the whole stream into staging, then creates and restores the
-// container. cleanup removes the container again (used when the answer cannot be delivered).
+// receive reads the migration stream (a checkpoint archive whose manifest is authenticated
+// with the token) into staging, verifying every member, and only then recreates the container
+// with its name and address, restores it with client packets held, and announces the address.
+// cleanup removes the container again (used when the answer cannot be delivered).
 func (a *Agent) receive(ctx context.Context, body io.Reader) (*Result, func(), error) {
 	start := time.Now()
-	var sb [8]byte
-	rand.Read(sb[:])
-	tag := hex.EncodeToString(sb[:])
-	stage := filepath.Join(a.Root, "migrate-in", tag)       // upper and lowers: same fs as the state root
-	runStage := filepath.Join(a.RunRoot, "migrate-in", tag) // CRIU images: same fs as the run root
-	defer os.RemoveAll(stage)
-	defer os.RemoveAll(runStage)
-	imagesDir := filepath.Join(runStage, "images")
-	for _, d := range []string{stage, imagesDir} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, nil, fmt.Errorf("create staging %s: %w", d, err)
-		}
+	if err := os.MkdirAll(filepath.Join(a.RunRoot, "migrate-in"), 0o700); err != nil {
+		return nil, nil, err
 	}
-	st, uppers, n, err := a.readStream(ctx, body, stage, imagesDir)
+	staging, err := os.MkdirTemp(filepath.Join(a.RunRoot, "migrate-in"), "stream-")
 	if err != nil {
-		return nil, nil, fmt.Errorf("migration stream refused, nothing was changed: %w", err)
+		return nil, nil, fmt.Errorf("create staging: %w", err)
 	}
-	var lowers []string
-	for i := 0; i < st.ExtraLowers; i++ {
-		lowers = append(lowers, uppers[fmt.Sprintf(memberLower, i)])
-	}
-	res := &Result{Name: st.Name, Bytes: n, VerifyMS: ms(time.Since(start))}
-	a.log().Info("migration stream verified", "name", st.Name, "bytes", n)
-
-	adoptStart := time.Now()
-	c, err := a.Manager.Adopt(ctx, container.AdoptOptions{Name: st.Name, Image: st.Image, ImageID: st.ImageID, Generation: st.Generation,
-		UpperDir: uppers[memberUpper], ExtraLowers: lowers, Spec: st.Spec, Network: st.Network, Resources: st.Resources},
-		func(cs *container.State) error {
-			res.AdoptMS = ms(time.Since(adoptStart))
-			rs, err := a.restoreAdopted(ctx, cs, st, imagesDir, res)
-			if err != nil {
-				return err
-			}
-			res.RestoreMS, res.MemoryMS = ms(rs.Running), ms(rs.MemoryIn)
-			return nil
-		})
-	if err != nil {
-		return nil, nil, fmt.Errorf("recreate %s on the target: %w", st.Name, err)
-	}
-	res.ID, res.PID = c.ID, c.Pid
-	if c.Network.IP.IsValid() {
-		res.IP = c.Network.IP.String()
-	}
-	cleanup := func() {
-		cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if err := a.Manager.Remove(cctx, c.ID, true); err != nil {
-			a.log().Error("remove unconfirmed container", "id", c.ID, "error", err)
-		}
-	}
-	return res, cleanup, nil
-}
-
-// readStream reads the migration stream into staging (CRIU images into imagesDir, layers
-// extracted under stage) and verifies every member against the authenticated manifest.
-// Nothing outside the staging directories is touched.
-func (a *Agent) readStream(ctx context.Context, body io.Reader, stage, imagesDir string) (*State, map[string]string, int64, error) {
+	defer os.RemoveAll(staging)
 	cr := &countingReader{r: body}
 	if n, ok := strings.CutPrefix(a.Failpoint, "exit-after-bytes:"); ok {
 		cr.limit, _ = strconv.ParseInt(n, 10, 64)
 	}
-	var (
-		got      []Member
-		man      *Manifest
-		stateRaw []byte
-		uppers   = map[string]string{} // member → staged directory
-	)
-	tr := tar.NewReader(cr)
-	for {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return nil, nil, 0, fmt.Errorf("read migration stream: %w", err)
-		}
-		if man != nil {
-			return nil, nil, 0, fmt.Errorf("migration stream: member %q after the manifest", hdr.Name)
-		}
-		if hdr.Typeflag != tar.TypeReg {
-			return nil, nil, 0, fmt.Errorf("migration stream: member %q is not a regular file", hdr.Name)
-		}
-		hr := &hashingReader{r: tr, h: sha256.New()}
-		switch name := hdr.Name; {
-		case name == memberManifest:
-			b, err := io.ReadAll(io.LimitReader(tr, maxStateSize))
-			if err != nil {
-				return nil, nil, 0, fmt.Errorf("read manifest: %w", err)
-			}
-			man = &Manifest{}
-			if err := json.Unmarshal(b, man); err != nil {
-				return nil, nil, 0, fmt.Errorf("decode manifest: %w", err)
-			}
-			continue
-		case name == memberState:
-			if stateRaw, err = io.ReadAll(io.LimitReader(hr, maxStateSize)); err != nil {
-				return nil, nil, 0, fmt.Errorf("read %s: %w", name, err)
-			}
-		case strings.HasPrefix(name, memberImages):
-			base := strings.TrimPrefix(name, memberImages)
-			if !imageFileName.MatchString(base) {
-				return nil, nil, 0, fmt.Errorf("migration stream: refusing image file name %q", name)
-			}
-			f, err := os.OpenFile(filepath.Join(imagesDir, base), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-			if err != nil {
-				return nil, nil, 0, fmt.Errorf("stage %s: %w", name, err)
-			}
-			_, err = io.Copy(f, hr)
-			if cerr := f.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
-				return nil, nil, 0, fmt.Errorf("stage %s: %w", name, err)
-			}
-		case name == memberUpper || isLowerMember(name):
-			if _, dup := uppers[name]; dup {
-				return nil, nil, 0, fmt.Errorf("migration stream: member %q twice", name)
-			}
-			dir := filepath.Join(stage, strings.TrimSuffix(name, ".tar"))
-			// The layer checks of an image import apply (nothing outside dir is written);
-			// the digest is compared with the manifest below, before dir is used.
-			if _, err := cowfs.ExtractUpper(ctx, hr, dir); err != nil {
-				return nil, nil, 0, err
-			}
-			if _, err := io.Copy(io.Discard, hr); err != nil {
-				return nil, nil, 0, fmt.Errorf("read %s: %w", name, err)
-			}
-			uppers[name] = dir
-		default:
-			return nil, nil, 0, fmt.Errorf("migration stream: unknown member %q", name)
-		}
-		got = append(got, Member{Name: hdr.Name, Size: hr.n, SHA256: hex.EncodeToString(hr.h.Sum(nil))})
+	m, err := checkpoint.ReadArchiveFrom(ctx, cr, "migration stream", staging, a.Token)
+	if err != nil {
+		return nil, nil, fmt.Errorf("migration stream refused, nothing was changed: %w", err)
 	}
-	if man == nil {
-		return nil, nil, 0, errors.New("migration stream ended without a manifest (sender interrupted?)")
+	if miss := m.CheckHost(); len(miss) > 0 {
+		return nil, nil, fmt.Errorf("migration refused: this CPU lacks flags the processes may use: %s", strings.Join(miss, " "))
 	}
-	if err := man.verify(a.Token, got); err != nil {
-		return nil, nil, 0, err
+	res := &Result{Name: m.Container.Name, Bytes: cr.n, VerifyMS: ms(time.Since(start))}
+	a.log().Info("migration stream verified", "name", m.Container.Name, "bytes", cr.n, "members", len(m.Members))
+
+	setup := time.Now()
+	c, err := restore.Recreate(ctx, a.Manager, m, staging, restore.ImportOptions{CRIU: a.CRIU, Root: a.Root, RunRoot: a.RunRoot, Logger: a.log()})
+	if err != nil {
+		return nil, nil, fmt.Errorf("recreate %s on the target: %w", m.Container.Name, err)
 	}
-	st := &State{}
-	if err := json.Unmarshal(stateRaw, st); err != nil {
-		return nil, nil, 0, fmt.Errorf("decode %s: %w", memberState, err)
-	}
-	if _, ok := uppers[memberUpper]; !ok {
-		return nil, nil, 0, fmt.Errorf("migration stream has no %s", memberUpper)
-	}
-	for i := 0; i < st.ExtraLowers; i++ {
-		if _, ok := uppers[fmt.Sprintf(memberLower, i)]; !ok {
-			return nil, nil, 0, fmt.Errorf("migration stream lacks "+memberLower, i)
+	res.ID = c.ID
+	cleanup := func() {
+		cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := a.Manager.Remove(cctx, c.ID, true); err != nil {
+			a.log().Error("remove the container again", "id", c.ID, "error", err)
 		}
 	}
-	return st, uppers, cr.n, nil
+	res.AdoptMS = ms(time.Since(setup))
+	rr, err := a.restore(ctx, c, m, res)
+	if err != nil {
+		cleanup()
+		return nil, nil, fmt.Errorf("restore %s on the target: %w", m.Container.Name, err)
+	}
+	res.PID = rr.PID
+	res.RestoreMS, res.MemoryMS = ms(rr.Running), ms(rr.MemoryIn)
+	if c.Network.IP.IsValid() {
+		res.IP = c.Network.IP.String()
+	}
+	return res, cleanup, nil
 }
 
-func isLowerMember(name string) bool {
-	var i int
-	_, err := fmt.Sscanf(name, memberLower, &i)
-	return err == nil && i >= 0 && name == fmt.Sprintf(memberLower, i)
-}
-
-// restoreAdopted restores the processes into the adopted container cs (lock held), holding
-// client packets in its new namespace until they run, then announces the address.
-func (a *Agent) restoreAdopted(ctx context.Context, cs *container.State, st *State, imagesDir string, res *Result) (*restore.Result, error) {
+// restore restores the recreated container c, holding client packets in its new namespace
+// until the processes run, then announces the address.
+func (a *Agent) restore(ctx context.Context, c *container.Container, m *checkpoint.Manifest, res *Result) (*restore.Result, error) {
 	// Packets that reach the new namespace before the sockets are restored would meet no
 	// socket and reset the connections: hold them from the first one.
 	var hold *sockets.Holder
 	res.Holding = "none"
-	if cs.Network.NetnsPath != "" {
-		h, err := sockets.NewHolder(ctx, cs.Network.NetnsPath, sockets.HoldOptions{StartHolding: true, Logger: a.log()})
+	if c.Network.NetnsPath != "" {
+		h, err := sockets.NewHolder(ctx, c.Network.NetnsPath, sockets.HoldOptions{StartHolding: true, Logger: a.log()})
 		if err != nil {
 			a.log().Warn("packets reaching the target before the restore will be reset, not held", "error", err)
 			res.Holding = "impossible: " + err.Error()
 		} else {
 			hold, res.Holding = h, "nfqueue"
-			defer func() {
-				if hold != nil {
-					hold.Close()
-				}
-			}()
+			defer hold.Close()
 		}
 	}
-	dst := filepath.Join(a.Manager.RunDir(cs.ID), "checkpoint")
-	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Rename(imagesDir, dst); err != nil {
-		return nil, fmt.Errorf("move images into %s: %w", dst, err)
-	}
-	rec := checkpoint.Record{ImagesDir: dst, DefaultDir: true, Created: time.Now().UTC(), CRIUVersion: st.CRIUVersion,
-		NetnsKey: st.NetnsKey, Externals: st.Externals}
-	if err := container.WriteJSONAtomic(filepath.Join(a.Manager.Dir(cs.ID), checkpoint.RecordFile), rec); err != nil {
-		return nil, err
-	}
-	rr, err := restore.ContainerLocked(ctx, a.Manager, cs, restore.ContainerOptions{CRIU: a.CRIU, Lazy: st.Lazy,
-		PageServer: st.PageServer, Logger: a.log()})
+	rr, err := restore.Container(ctx, a.Manager, c.ID, restore.ContainerOptions{CRIU: a.CRIU, Lazy: m.PageServer != "",
+		PageServer: m.PageServer, Logger: a.log()})
 	if err != nil {
 		return nil, err
 	}
@@ -499,8 +356,8 @@ func (a *Agent) restoreAdopted(ctx context.Context, cs *container.State, st *Sta
 		}
 		res.Held = stats.Packets
 	}
-	if cs.Network.NetnsPath != "" && cs.Network.IP.IsValid() {
-		if err := network.Announce(cs.Network.NetnsPath, cs.Network.IP, 3, 50*time.Millisecond); err != nil {
+	if c.Network.NetnsPath != "" && c.Network.IP.IsValid() {
+		if err := network.Announce(c.Network.NetnsPath, c.Network.IP, 3, 50*time.Millisecond); err != nil {
 			a.log().Warn("gratuitous ARP", "error", err)
 		}
 	}

@@ -1,26 +1,18 @@
 package migrate
 
 import (
-	"bufio"
-	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
-	"regexp"
-	"slices"
 	"strings"
 
 	"github.com/hotctl/hot/checkpoint"
-	"github.com/hotctl/hot/container"
 	"github.com/opencontainers/go-digest"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
 
@@ -31,18 +23,8 @@ const (
 	PathMigration = "/v1/migrations" // POST the migration stream (a tar, see Manifest) → Result
 )
 
-// Members of the migration stream, in this order; the manifest comes last, once every
-// member's digest is known.
-const (
-	memberState    = "state.json"
-	memberImages   = "images/" // images/<file>: the CRIU images directory, flat
-	memberUpper    = "upper.tar"
-	memberLower    = "lower-%d.tar" // earlier generations' uppers stacked below the upper
-	memberManifest = "manifest.json"
-)
-
-// maxStateSize bounds state.json and manifest.json, which the receiver reads into memory.
-const maxStateSize = 16 << 20
+// maxAnswerSize bounds JSON bodies read into memory.
+const maxAnswerSize = 16 << 20
 
 // HostFacts are what preflight compares between the two hosts.
 type HostFacts struct {
@@ -84,72 +66,6 @@ type ImageResponse struct {
 type ErrorResponse struct {
 	Error string `json:"error"`
 }
-
-// State is the container as the target recreates it (member state.json).
-type State struct {
-	Name        string                    `json:"name"`
-	Image       string                    `json:"image"`
-	ImageID     digest.Digest             `json:"imageId"`
-	Generation  int                       `json:"generation"`
-	ExtraLowers int                       `json:"extraLowers"` // lower-N.tar members, bottom first
-	Network     container.NetworkState    `json:"network"`
-	Resources   container.Resources       `json:"resources"`
-	Spec        *specs.Spec               `json:"spec"`
-	NetnsKey    string                    `json:"netnsKey,omitempty"`
-	Externals   []checkpoint.ExternalFile `json:"externals,omitempty"`
-	CRIUVersion string                    `json:"criuVersion"`
-	// Lazy: the images hold no memory pages; the target pulls them from the page server at
-	// PageServer (host:port) on the source while the restored processes run.
-	Lazy       bool   `json:"lazy,omitempty"`
-	PageServer string `json:"pageServer,omitempty"`
-}
-
-// Member is one entry of the stream as the manifest lists it.
-type Member struct {
-	Name   string `json:"name"`
-	Size   int64  `json:"size"`
-	SHA256 string `json:"sha256"`
-}
-
-// Manifest closes the stream: every member with its size and SHA-256, and MAC, an
-// HMAC-SHA256 keyed with the shared token over the members' canonical JSON. A stream altered
-// on the way (a member changed, dropped, added or reordered, or the manifest rewritten) is
-// refused even without TLS.
-type Manifest struct {
-	Members []Member `json:"members"`
-	MAC     string   `json:"mac"`
-}
-
-func manifestMAC(token []byte, members []Member) string {
-	b, _ := json.Marshal(members)
-	m := hmac.New(sha256.New, token)
-	m.Write(b)
-	return hex.EncodeToString(m.Sum(nil))
-}
-
-// verify checks the MAC and that got (what the receiver read, in order) is exactly the list
-// the manifest announces.
-func (m *Manifest) verify(token []byte, got []Member) error {
-	want := manifestMAC(token, m.Members)
-	if subtle.ConstantTimeCompare([]byte(want), []byte(m.MAC)) != 1 {
-		return errors.New("the manifest's MAC does not match: the stream was altered on the way or the sender has another token")
-	}
-	if len(got) != len(m.Members) {
-		return fmt.Errorf("the stream has %d members, the manifest lists %d", len(got), len(m.Members))
-	}
-	for i, g := range got {
-		w := m.Members[i]
-		if g.Name != w.Name {
-			return fmt.Errorf("member %d is %q, the manifest lists %q", i, g.Name, w.Name)
-		}
-		if g.Size != w.Size || g.SHA256 != w.SHA256 {
-			return fmt.Errorf("member %s: received %d bytes with sha256 %s, the manifest says %d bytes with sha256 %s", g.Name, g.Size, g.SHA256, w.Size, w.SHA256)
-		}
-	}
-	return nil
-}
-
-var imageFileName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 // LoadToken reads a token file: one line, at least 16 characters.
 func LoadToken(path string) ([]byte, error) {
@@ -205,54 +121,17 @@ func (f TLSFiles) config(server bool) (*tls.Config, error) {
 }
 
 // LocalFacts reads this host's facts: kernel release and architecture (uname), the CPU
-// flags of the first processor in /proc/cpuinfo, and the CRIU version given.
+// flags of the first processor (checkpoint.CPUFlags, as archives record them), and the CRIU
+// version given.
 func LocalFacts(criuVersion string) (HostFacts, error) {
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {
 		return HostFacts{}, fmt.Errorf("uname: %w", err)
 	}
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return HostFacts{}, fmt.Errorf("read CPU flags: %w", err)
+	flags := checkpoint.CPUFlags()
+	if len(flags) == 0 {
+		return HostFacts{}, errors.New("read CPU flags: /proc/cpuinfo has no flags line")
 	}
-	defer f.Close()
-	flags, err := parseCPUFlags(bufio.NewScanner(f))
-	if err != nil {
-		return HostFacts{}, err
-	}
-	return HostFacts{CRIUVersion: criuVersion, Kernel: unix.ByteSliceToString(u.Release[:]),
+	return HostFacts{CRIUVersion: criuVersion, Kernel: checkpoint.KernelRelease(),
 		Arch: unix.ByteSliceToString(u.Machine[:]), CPUFlags: flags}, nil
-}
-
-// parseCPUFlags returns the sorted "flags" of the first processor in /proc/cpuinfo.
-func parseCPUFlags(sc *bufio.Scanner) ([]string, error) {
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if ok && strings.TrimSpace(k) == "flags" {
-			fl := strings.Fields(v)
-			slices.Sort(fl)
-			return slices.Compact(fl), nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read /proc/cpuinfo: %w", err)
-	}
-	return nil, errors.New("/proc/cpuinfo has no flags line")
-}
-
-// missingFlags lists the source's CPU flags the target lacks: a restored process may have
-// chosen code paths (e.g. glibc's ifuncs, a JIT) by them, and would die of SIGILL.
-func missingFlags(source, target []string) []string {
-	have := map[string]bool{}
-	for _, f := range target {
-		have[f] = true
-	}
-	var out []string
-	for _, f := range source {
-		if !have[f] {
-			out = append(out, f)
-		}
-	}
-	return out
 }

@@ -1,11 +1,8 @@
 package migrate
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -26,7 +22,6 @@ import (
 	"github.com/hotctl/hot/events"
 	"github.com/hotctl/hot/network"
 	"github.com/hotctl/hot/restore"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // Options configure a migration.
@@ -120,8 +115,7 @@ type sender struct {
 	cl    *client
 	st    *container.State
 	gen   *container.Generation
-	extra []string // lower dirs above the image's layers (earlier generations' uppers)
-	imgs  string   // CRIU images dir
+	imgs  string // CRIU images dir
 	start time.Time
 	sum   Summary
 }
@@ -209,10 +203,11 @@ func (s *sender) preflight(ctx context.Context) (*PreflightResponse, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container %s: its image: %w", st.Name, err)
 	}
-	if len(s.gen.LowerDirs) < len(img.LayerDirs) || !slices.Equal(s.gen.LowerDirs[:len(img.LayerDirs)], img.LayerDirs) {
-		return nil, fmt.Errorf("container %s: its root is not its image's layers plus its own: cannot migrate this layer stack", st.Name)
+	if !slices.Equal(s.gen.LowerDirs, img.LayerDirs) {
+		// After a hot update the root also stacks earlier generations' uppers, which the
+		// archive format does not carry (it has one upper layer).
+		return nil, fmt.Errorf("container %s: its root stacks %d layers of its own below its upper (it was hot-updated): migrating such a container is not supported yet", st.Name, len(s.gen.LowerDirs)-len(img.LayerDirs))
 	}
-	s.extra = s.gen.LowerDirs[len(img.LayerDirs):]
 	facts, err := LocalFacts(s.o.CRIU.Version.String())
 	if err != nil {
 		return nil, err
@@ -285,63 +280,29 @@ func (s *sender) restoreHere(ctx context.Context, cause error) error {
 	return fmt.Errorf("migrate %s to %s failed, the container runs here again with its connections: %w", st.Name, s.o.To, cause)
 }
 
-// stream sends the migration stream and waits for the target's answer.
+// stream sends the migration stream, a checkpoint archive (checkpoint.WriteArchiveTo) whose
+// manifest is authenticated with the token, and waits for the target's answer.
 func (s *sender) stream(ctx context.Context) (*Result, error) {
 	st := s.st
 	rec, err := checkpoint.LoadRecord(s.mgr.Dir(st.ID))
 	if err != nil {
 		return nil, fmt.Errorf("read checkpoint record: %w", err)
 	}
-	spec, err := readSpec(s.mgr.Dir(st.ID))
-	if err != nil {
-		return nil, err
+	in := checkpoint.ArchiveInput{
+		Manifest:  checkpoint.Manifest{CRIUVersion: s.o.CRIU.Version.String(), Container: checkpoint.InfoOf(st), Record: *rec},
+		ImagesDir: s.imgs, Config: filepath.Join(s.mgr.Dir(st.ID), "config.json"), UpperDir: s.gen.Upper,
+		TmpDir: s.mgr.RunDir(st.ID), MACKey: s.o.Token,
 	}
-	state := State{Name: st.Name, Image: s.gen.Image, ImageID: s.gen.ImageID, Generation: s.gen.N, ExtraLowers: len(s.extra),
-		Network: st.Network, Resources: st.Resources, Spec: spec, NetnsKey: rec.NetnsKey, Externals: rec.Externals,
-		CRIUVersion: rec.CRIUVersion}
-	stateRaw, err := json.Marshal(state)
-	if err != nil {
-		return nil, err
-	}
-	// The layers are archived to files first: a tar member needs its size up front.
-	tmp, err := os.MkdirTemp(s.mgr.RunDir(st.ID), "migrate-layers-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(tmp)
-	var files []streamFile
-	for i, d := range append(slices.Clone(s.extra), s.gen.Upper) {
-		name := memberUpper
-		if i < len(s.extra) {
-			name = fmt.Sprintf(memberLower, i)
-		}
-		p := filepath.Join(tmp, name)
-		if err := writeUpperFile(ctx, p, d); err != nil {
-			return nil, err
-		}
-		files = append(files, streamFile{name, p})
-	}
-	ents, err := os.ReadDir(s.imgs)
-	if err != nil {
-		return nil, fmt.Errorf("list images: %w", err)
-	}
-	for _, e := range ents {
-		if e.Type().IsRegular() {
-			files = append(files, streamFile{memberImages + e.Name(), filepath.Join(s.imgs, e.Name())})
-		}
-	}
-	total := int64(len(stateRaw))
-	for _, f := range files {
-		fi, err := os.Stat(f.path)
-		if err != nil {
-			return nil, err
-		}
-		total += fi.Size()
-	}
-
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(s.writeStream(ctx, pw, stateRaw, files)) }()
-	body := s.progressReader("stream", pr, total)
+	var w io.Writer = pw
+	if s.o.Failpoint == "tamper" {
+		w = &tamperWriter{w: pw, at: 64 << 10}
+	}
+	go func() {
+		_, err := checkpoint.WriteArchiveTo(ctx, w, in)
+		pw.CloseWithError(err)
+	}()
+	body := s.progressReader("stream", pr, -1)
 	start := time.Now()
 	var res Result
 	err = s.cl.post(ctx, PathMigration, "application/x-tar", body, -1, &res)
@@ -356,103 +317,21 @@ func (s *sender) stream(ctx context.Context) (*Result, error) {
 	return &res, nil
 }
 
-// streamFile is a member read from a file.
-type streamFile struct{ name, path string }
-
-// writeStream writes the members (state, layers, images) and the manifest.
-func (s *sender) writeStream(ctx context.Context, w io.Writer, stateRaw []byte, files []streamFile) error {
-	tw := tar.NewWriter(w)
-	var members []Member
-	add := func(name string, size int64, r io.Reader) error {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o600, Size: size, ModTime: time.Unix(0, 0), Format: tar.FormatPAX}); err != nil {
-			return err
-		}
-		h := sha256.New()
-		var dst io.Writer = io.MultiWriter(tw, h)
-		if s.o.Failpoint == "tamper" && strings.HasPrefix(name, memberImages+"pages-") {
-			dst = &tamperWriter{w: tw, h: h}
-		}
-		n, err := io.Copy(dst, r)
-		if err != nil {
-			return fmt.Errorf("stream %s: %w", name, err)
-		}
-		members = append(members, Member{Name: name, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))})
-		return nil
-	}
-	if err := add(memberState, int64(len(stateRaw)), bytes.NewReader(stateRaw)); err != nil {
-		return err
-	}
-	for _, f := range files {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		fh, err := os.Open(f.path)
-		if err != nil {
-			return err
-		}
-		fi, err := fh.Stat()
-		if err == nil {
-			err = add(f.name, fi.Size(), fh)
-		}
-		fh.Close()
-		if err != nil {
-			return err
-		}
-	}
-	man, err := json.Marshal(Manifest{Members: members, MAC: manifestMAC(s.o.Token, members)})
-	if err != nil {
-		return err
-	}
-	if err := tw.WriteHeader(&tar.Header{Name: memberManifest, Typeflag: tar.TypeReg, Mode: 0o600, Size: int64(len(man)), ModTime: time.Unix(0, 0), Format: tar.FormatPAX}); err != nil {
-		return err
-	}
-	if _, err := tw.Write(man); err != nil {
-		return err
-	}
-	return tw.Close()
-}
-
-// tamperWriter (failpoint) hashes the true bytes but sends the first one altered, like a
-// corrupting link or a man in the middle would.
+// tamperWriter (failpoint) alters the byte at offset at, like a corrupting link or a man in
+// the middle would.
 type tamperWriter struct {
-	w    io.Writer
-	h    io.Writer
-	done bool
+	w   io.Writer
+	at  int64
+	off int64
 }
 
 func (t *tamperWriter) Write(b []byte) (int, error) {
-	t.h.Write(b)
-	if t.done || len(b) == 0 {
-		return t.w.Write(b)
+	if i := t.at - t.off; i >= 0 && i < int64(len(b)) {
+		b = slices.Clone(b)
+		b[i] ^= 0xff
 	}
-	t.done = true
-	c := slices.Clone(b)
-	c[len(c)/2] ^= 0xff
-	return t.w.Write(c)
-}
-
-func writeUpperFile(ctx context.Context, path, dir string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	err = cowfs.WriteUpperTar(ctx, f, dir)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-func readSpec(dir string) (*specs.Spec, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
-	if err != nil {
-		return nil, fmt.Errorf("read container config: %w", err)
-	}
-	var sp specs.Spec
-	if err := json.Unmarshal(b, &sp); err != nil {
-		return nil, fmt.Errorf("decode container config: %w", err)
-	}
-	return &sp, nil
+	t.off += int64(len(b))
+	return t.w.Write(b)
 }
 
 // progress counts bytes read through it and reports them.
@@ -532,7 +411,7 @@ func (c *client) post(ctx context.Context, path, ctype string, body io.Reader, s
 		return err
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxStateSize))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerSize))
 	if err != nil {
 		return fmt.Errorf("read answer: %w", err)
 	}

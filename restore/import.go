@@ -55,13 +55,26 @@ func Import(ctx context.Context, mgr *container.Manager, file string, o ImportOp
 	if missing := m.CheckHost(); len(missing) > 0 {
 		return nil, fmt.Errorf("import %s: this CPU lacks features the checkpointed processes may use: %s", file, strings.Join(missing, " "))
 	}
+	c, err := Recreate(ctx, mgr, m, staging, o)
+	if err != nil {
+		return nil, fmt.Errorf("import %s: %w", file, err)
+	}
+	return Container(ctx, mgr, c.ID, ContainerOptions{CRIU: o.CRIU, Lazy: o.Lazy, Logger: o.Logger})
+}
+
+// Recreate creates the container a verified archive describes (m, unpacked into staging by
+// checkpoint.ReadArchive): from the image (required by digest), the archived config.json and
+// upper layer, with its archived IP, and its images moved into place. The container is left
+// "checkpointed", ready for Container; on failure, whatever was created stays for 'hot rm -f'
+// (named in the error).
+func Recreate(ctx context.Context, mgr *container.Manager, m *checkpoint.Manifest, staging string, o ImportOptions) (*container.Container, error) {
 	store, err := cowfs.Open(o.Root)
 	if err != nil {
-		return nil, fmt.Errorf("import: open image store: %w", err)
+		return nil, fmt.Errorf("open image store: %w", err)
 	}
 	if _, err := store.Resolve(ctx, m.Container.ImageID.String()); err != nil {
-		return nil, fmt.Errorf("import %s: %w: %s (%s); import that image first ('hot image import') and retry: %v",
-			file, ErrImageMissing, m.Container.ImageID, m.Container.Image, err)
+		return nil, fmt.Errorf("%w: %s (%s); import that image first ('hot image import') and retry: %v",
+			ErrImageMissing, m.Container.ImageID, m.Container.Image, err)
 	}
 	var spec specs.Spec
 	b, err := os.ReadFile(filepath.Join(staging, checkpoint.ConfigMember))
@@ -69,7 +82,7 @@ func Import(ctx context.Context, mgr *container.Manager, file string, o ImportOp
 		err = json.Unmarshal(b, &spec)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("import %s: config.json: %w", file, err)
+		return nil, fmt.Errorf("config.json: %w", err)
 	}
 	ro := container.RunOptions{
 		Name:        o.Name,
@@ -103,16 +116,16 @@ func Import(ctx context.Context, mgr *container.Manager, file string, o ImportOp
 	}
 	c, err := mgr.Run(ctx, ro)
 	if err != nil {
-		return nil, fmt.Errorf("import %s: create container: %w", file, err)
+		return nil, fmt.Errorf("create container: %w", err)
 	}
 	rec := m.Record
 	rec.ImagesDir = filepath.Join(mgr.RunDir(c.ID), "checkpoint")
 	rec.DefaultDir = true
 	if err := os.Rename(filepath.Join(staging, strings.TrimSuffix(checkpoint.ImagesPrefix, "/")), rec.ImagesDir); err != nil {
-		return nil, fmt.Errorf("import %s: move images: %w (remove the container with 'hot rm -f %s')", file, err, c.Name)
+		return nil, fmt.Errorf("move images: %w (remove the container with 'hot rm -f %s')", err, c.Name)
 	}
 	if err := container.WriteJSONAtomic(filepath.Join(mgr.Dir(c.ID), checkpoint.RecordFile), rec); err != nil {
-		return nil, fmt.Errorf("import %s: %w", file, err)
+		return nil, err
 	}
-	return Container(ctx, mgr, c.ID, ContainerOptions{CRIU: o.CRIU, Lazy: o.Lazy, Logger: o.Logger})
+	return c, nil
 }
