@@ -50,7 +50,7 @@ type Result struct {
 	IP        string  `json:"ip,omitempty"`
 	Bytes     int64   `json:"bytes"`
 	VerifyMS  float64 `json:"verifyMs"`  // receiving and checking the stream
-	AdoptMS   float64 `json:"adoptMs"`   // container record, root, netns, cgroup, monitor
+	SetupMS   float64 `json:"setupMs"`   // container record, root, netns, cgroup, monitor
 	RestoreMS float64 `json:"restoreMs"` // CRIU restore until the processes ran
 	MemoryMS  float64 `json:"memoryMs"`  // until all memory was in (lazy: pages pulled)
 	Held      int     `json:"heldPackets"`
@@ -313,7 +313,7 @@ func (a *Agent) receive(ctx context.Context, body io.Reader) (*Result, func(), e
 			a.log().Error("remove the container again", "id", c.ID, "error", err)
 		}
 	}
-	res.AdoptMS = ms(time.Since(setup))
+	res.SetupMS = ms(time.Since(setup))
 	rr, err := a.restore(ctx, c, m, res)
 	if err != nil {
 		cleanup()

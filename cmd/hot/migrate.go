@@ -227,7 +227,7 @@ func printMigrateSummary(w io.Writer, s *migrate.Summary) {
 	}
 	fmt.Fprintf(tw, "stream\t%s at %.1f MB/s\n", humanBytes(uint64(s.StreamBytes)), s.StreamMBps)
 	if t := s.Target; t != nil {
-		fmt.Fprintf(tw, "downtime\t%.1f ms (dump %.1f ms, target: verify %.1f ms, setup %.1f ms, restore %.1f ms)\n", s.DowntimeMS, s.DumpMS, t.VerifyMS, t.AdoptMS, t.RestoreMS)
+		fmt.Fprintf(tw, "downtime\t%.1f ms (dump %.1f ms, target: verify %.1f ms, setup %.1f ms, restore %.1f ms)\n", s.DowntimeMS, s.DumpMS, t.VerifyMS, t.SetupMS, t.RestoreMS)
 		fmt.Fprintf(tw, "on target\tid %s, pid %d, ip %s (%s, %d packets held)\n", shortHex(t.ID), t.PID, t.IP, t.Holding, t.Held)
 	}
 	fmt.Fprintf(tw, "total\t%.1f ms\n", s.TotalMS)
