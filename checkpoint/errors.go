@@ -26,7 +26,18 @@ func (e *CRIUError) Error() string {
 	if line == "" && e.Err != nil {
 		line = e.Err.Error()
 	}
-	return fmt.Sprintf("criu %s failed: %s (full log: %s)", e.Op, line, e.LogPath)
+	return fmt.Sprintf("criu %s failed: %s%s (full log: %s)", e.Op, line, hint(line), e.LogPath)
+}
+
+// hint adds what to do for CRIU errors whose cause is known.
+func hint(line string) string {
+	switch {
+	case strings.Contains(line, "Unsupported proto 262"):
+		return " [an MPTCP socket, which CRIU cannot dump: Go >= 1.24 listens with MPTCP by default; hot disables MPTCP in the network namespaces it creates, otherwise disable it in the app (net.ListenConfig.SetMultipathTCP(false)) or set net.mptcp.enabled=0 in its namespace before it starts]"
+	case strings.Contains(line, "Can't lookup mount"):
+		return " [a file of a mount outside the container is open: CRIU can only dump files on the container's own mounts]"
+	}
+	return ""
 }
 
 func (e *CRIUError) Unwrap() error { return e.Err }

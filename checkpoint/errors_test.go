@@ -28,6 +28,9 @@ func TestCRIUErrorNamesFirstMeaningfulLine(t *testing.T) {
 	if strings.Contains(msg, "RLIMIT") || !strings.Contains(msg, log) || !strings.HasPrefix(msg, "criu dump failed: ") {
 		t.Errorf("message %q: want the real cause and the log path, not the rlimit line", msg)
 	}
+	if !strings.Contains(msg, "MPTCP") {
+		t.Errorf("message %q lacks the MPTCP hint", msg)
+	}
 	if !errors.Is(err, ErrCRIU) || !errors.Is(err, goCRIU) {
 		t.Errorf("errors.Is: want ErrCRIU and the go-criu error to match")
 	}

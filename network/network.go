@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strings"
 	"time"
@@ -259,6 +260,9 @@ func (n *Network) setUp(ctx context.Context, id string, l *lease, first bool) er
 	if err := configureInside(nsh, l.IP, n.cfg.Subnet, gateway(n.cfg.Subnet)); err != nil {
 		return fmt.Errorf("configure netns %s: %w", l.Netns, err)
 	}
+	if err := disableMPTCP(nsh); err != nil {
+		return fmt.Errorf("configure netns %s: %w", l.Netns, err)
+	}
 	return addPorts(ctx, n.cfg.Bridge, id, l.IP, l.Ports)
 }
 
@@ -494,6 +498,34 @@ func (n *Network) Teardown(ctx context.Context) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("tear down network %s: %w", n.cfg.Bridge, err)
+	}
+	return nil
+}
+
+// disableMPTCP sets net.mptcp.enabled=0 in the namespace. Go >= 1.24 listens with MPTCP by
+// default where the kernel offers it, and CRIU cannot checkpoint MPTCP sockets ("inet:
+// Unsupported proto 262"); with MPTCP off in the container's namespace, programs fall back to
+// plain TCP and stay checkpointable. Kernels without MPTCP have nothing to disable.
+func disableMPTCP(nsh netns.NsHandle) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return fmt.Errorf("disable MPTCP: %w", err)
+	}
+	defer orig.Close()
+	if err := netns.Set(nsh); err != nil {
+		return fmt.Errorf("disable MPTCP: enter netns: %w", err)
+	}
+	// /proc/sys/net shows the namespace of the thread that opens it.
+	werr := os.WriteFile("/proc/sys/net/mptcp/enabled", []byte("0"), 0o644)
+	if err := netns.Set(orig); err != nil {
+		// This thread is in the wrong namespace now: let it die with the goroutine.
+		runtime.LockOSThread()
+		return fmt.Errorf("disable MPTCP: return to the host netns: %w", err)
+	}
+	if werr != nil && !errors.Is(werr, os.ErrNotExist) {
+		return fmt.Errorf("disable MPTCP: %w", werr)
 	}
 	return nil
 }

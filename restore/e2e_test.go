@@ -458,3 +458,17 @@ func TestFailedRestoreKeepsImagesForRetry(t *testing.T) {
 	progress(t, load, paused)
 	checkClean(t, load)
 }
+
+// TestGoDefaultListenerIsCheckpointable: Go >= 1.24 listens with MPTCP by default, which CRIU
+// cannot dump; the container's network namespace has MPTCP disabled (package network), so an
+// unmodified Go server falls back to TCP and checkpoint/restore works.
+func TestGoDefaultListenerIsCheckpointable(t *testing.T) {
+	e := newEnv(t, "serve", "-addr", ":8080", "-go-default-listener")
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	e.mustHot("checkpoint", "web")
+	paused := load.Snapshot()
+	e.mustHot("restore", "web")
+	progress(t, load, paused)
+	checkClean(t, load)
+}

@@ -6,7 +6,8 @@
 //	                                  serve GET / → "count N\n" (N counts requests); -rss keeps
 //	                                  MB of touched memory resident (checkpoint benchmarks),
 //	                                  -ghost creates PATH, keeps it open and deletes it (CRIU
-//	                                  must save it as a ghost file); GET /ghost reads it back
+//	                                  must save it as a ghost file); GET /ghost reads it back;
+//	                                  -go-default-listener keeps Go's default (MPTCP if allowed)
 //	httpcount get URL                 print the body of URL (exit 1 on error)
 //	httpcount exit CODE               exit with CODE
 //	httpcount env                     print the environment
@@ -44,6 +45,7 @@ func main() {
 	addr := fs.String("addr", ":8080", "listen address")
 	rssMB := fs.Int("rss", 0, "MB of memory to allocate and keep resident")
 	ghost := fs.String("ghost", "", "file to create, keep open and delete")
+	goDefault := fs.Bool("go-default-listener", false, "listen like http.ListenAndServe (MPTCP where the kernel allows it) instead of plain TCP")
 	fs.Parse(args)
 	ballast := make([]byte, *rssMB<<20)
 	for i := 0; i < len(ballast); i += 4096 {
@@ -85,7 +87,9 @@ func main() {
 	// Go >= 1.24 listens with MPTCP by default where the kernel has it, and CRIU cannot dump
 	// MPTCP sockets ("inet: Unsupported proto 262"): ask for plain TCP.
 	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
+	if !*goDefault {
+		lc.SetMultipathTCP(false)
+	}
 	ln, err := lc.Listen(context.Background(), "tcp", *addr)
 	if err == nil {
 		err = http.Serve(ln, nil)
