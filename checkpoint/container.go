@@ -59,6 +59,8 @@ type ContainerOptions struct {
 	LeaveRunning bool
 	ImagesDir    string // default <run-root>/<id>/checkpoint
 	Failpoint    string // tests only (see DumpOptions.Failpoint)
+	// PageServer makes a lazy dump served from there (see DumpOptions.PageServer).
+	PageServer string
 	// NetworkLock is passed to CRIU (see DumpOptions.NetworkLock); "skip" when the caller holds
 	// the container's packets itself (package sockets).
 	NetworkLock string
@@ -192,6 +194,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			SkipCgroups: true,
 			Failpoint:   o.Failpoint,
 			NetworkLock: o.NetworkLock,
+			PageServer:  o.PageServer,
 			Logger:      o.Logger,
 		}
 		for _, x := range rec.Externals {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -84,8 +85,13 @@ type DumpOptions struct {
 	// restores that put the tree into a cgroup themselves (restore.Options.CallerCgroups).
 	SkipCgroups bool
 	External    []string // further --external resources
-	Failpoint   string   // tests only: see FailAfterMemoryDump
-	Logger      *slog.Logger
+	// PageServer ("ADDR:PORT") makes a lazy dump (post-copy): the images get no memory
+	// pages; CRIU keeps them and serves them from a page server listening there, and Dump
+	// returns only once a `criu lazy-pages --page-server` (the restore side) took them all.
+	// The processes stay frozen meanwhile and are gone afterwards.
+	PageServer string
+	Failpoint  string // tests only: see FailAfterMemoryDump
+	Logger     *slog.Logger
 }
 
 // DumpResult describes a finished dump.
@@ -171,6 +177,18 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 	}
 	if opts.FreezerCgroup != "" {
 		copts.FreezeCgroup = ptr(opts.FreezerCgroup)
+	}
+	if opts.PageServer != "" {
+		host, port, err := net.SplitHostPort(opts.PageServer)
+		if err != nil {
+			return nil, fmt.Errorf("dump: page server %q: %w", opts.PageServer, err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return nil, fmt.Errorf("dump: page server port %q: %w", port, err)
+		}
+		copts.LazyPages = ptr(true)
+		copts.Ps = &rpc.CriuPageServerInfo{Address: ptr(host), Port: ptr(int32(p))}
 	}
 
 	start := time.Now()

@@ -344,6 +344,16 @@ func (a *Agent) restore(ctx context.Context, c *container.Container, m *checkpoi
 			defer hold.Close()
 		}
 	}
+	if m.PageServer != "" {
+		undo, note, err := raisePipeMaxSize()
+		if err != nil {
+			return nil, err
+		}
+		defer undo()
+		if note != "" {
+			a.log().Info("post-copy migration", "note", note)
+		}
+	}
 	rr, err := restore.Container(ctx, a.Manager, c.ID, restore.ContainerOptions{CRIU: a.CRIU, Lazy: m.PageServer != "",
 		PageServer: m.PageServer, Logger: a.log()})
 	if err != nil {

@@ -378,6 +378,26 @@ func TestMigrate(t *testing.T) {
 		m.runsOn(l.b, l.a)
 	})
 
+	t.Run("lazy B to A and back", func(t *testing.T) {
+		out := l.b.mustHot("migrate", m.name, "--lazy", "--to", l.a.addr(), "--token-file", l.token)
+		t.Logf("B→A --lazy:\n%s", out)
+		if !strings.Contains(out, "lazy") || !strings.Contains(out, "memory in") {
+			t.Errorf("lazy migration summary lacks the mode or the memory time:\n%s", out)
+		}
+		m.runsOn(l.a, l.b)
+		out = l.a.mustHot("migrate", m.name, "--lazy", "--to", l.b.addr(), "--token-file", l.token)
+		t.Logf("A→B --lazy:\n%s", out)
+		m.runsOn(l.b, l.a)
+	})
+
+	t.Run("lazy with a tampered stream resumes on the source", func(t *testing.T) {
+		r := l.b.hotEnv([]string{"HOT_FAILPOINT=migrate-tamper"}, "migrate", m.name, "--lazy", "--to", l.a.addr(), "--token-file", l.token)
+		if r.ExitCode == 0 || !strings.Contains(r.Stderr, "refused") || !strings.Contains(r.Stderr, "runs here again") {
+			t.Fatalf("tampered lazy migration: exit %d, stderr %q; want a refusal and the container still on B", r.ExitCode, r.Stderr)
+		}
+		m.runsOn(l.b, l.a)
+	})
+
 	rep := m.load.Snapshot()
 	if rep.Failures != 0 {
 		t.Fatalf("failed requests over the whole test: %v", rep.Errors)

@@ -56,6 +56,8 @@ type Summary struct {
 	DowntimeMS float64 `json:"downtimeMs"`
 	TotalMS    float64 `json:"totalMs"`
 	Target     *Result `json:"target,omitempty"`
+	// Notes say what was adjusted or is unavailable on this host (fs.pipe-max-size, pre-copy).
+	Notes []string `json:"notes,omitempty"`
 }
 
 // Migrate moves the running container ref to the agent at o.To: preflight, push the image
@@ -148,6 +150,9 @@ func (s *sender) run(ctx context.Context) (bool, error) {
 	if err := os.RemoveAll(s.imgs); err != nil {
 		return false, err
 	}
+	if s.o.Lazy {
+		return s.runLazy(ctx, freezeStart)
+	}
 	span = s.rec.Start("dump")
 	dres, err := checkpoint.ContainerLocked(ctx, s.mgr, st, checkpoint.ContainerOptions{CRIU: s.o.CRIU, ImagesDir: s.imgs, Logger: s.log})
 	if err != nil {
@@ -161,15 +166,13 @@ func (s *sender) run(ctx context.Context) (bool, error) {
 		return false, s.restoreHere(ctx, err)
 	}
 	// The address leaves this host's segment: the target claims it.
-	if st.Network.HostVeth != "" {
-		if err := network.SetHostLink(st.Network.HostVeth, false); err != nil {
-			return false, s.restoreHere(ctx, err)
-		}
+	if err := s.leaveSegment(); err != nil {
+		return false, s.restoreHere(ctx, err)
 	}
 
 	// ── stream; the target verifies everything, then restores ──
 	span = s.rec.Start("transfer")
-	res, err := s.stream(ctx)
+	res, err := s.stream(ctx, "")
 	if err != nil {
 		span.End(err, nil)
 		return false, s.restoreHere(ctx, err)
@@ -255,11 +258,7 @@ func (s *sender) restoreHere(ctx context.Context, cause error) error {
 	st := s.st
 	span := s.rec.Start("restore-here")
 	ctx = context.WithoutCancel(ctx)
-	if st.Network.HostVeth != "" {
-		if err := network.SetHostLink(st.Network.HostVeth, true); err != nil {
-			s.log.Error("put the container back on the bridge", "error", err)
-		}
-	}
+	s.rejoinSegment()
 	_, err := restore.ContainerLocked(ctx, s.mgr, st, restore.ContainerOptions{CRIU: s.o.CRIU, Logger: s.log})
 	if err == nil {
 		// The caller returns an error, so WithLock will not save the state: do it here.
@@ -270,26 +269,132 @@ func (s *sender) restoreHere(ctx context.Context, cause error) error {
 		span.End(err, nil)
 		return fmt.Errorf("migrate %s failed (%v) and restoring it here failed too (images kept in %s; retry with 'hot restore %s'): %w", st.Name, cause, s.imgs, st.Name, err)
 	}
+	s.announce()
+	span.End(nil, nil)
+	return fmt.Errorf("migrate %s to %s failed, the container runs here again with its connections: %w", st.Name, s.o.To, cause)
+}
+
+// leaveSegment takes the container's veth down: its address stops answering here.
+func (s *sender) leaveSegment() error {
+	if s.st.Network.HostVeth == "" {
+		return nil
+	}
+	return network.SetHostLink(s.st.Network.HostVeth, false)
+}
+
+// rejoinSegment puts the container back on the bridge after a failure.
+func (s *sender) rejoinSegment() {
+	if s.st.Network.HostVeth != "" {
+		if err := network.SetHostLink(s.st.Network.HostVeth, true); err != nil {
+			s.log.Error("put the container back on the bridge", "error", err)
+		}
+	}
+}
+
+// announce claims the address again (the target may have announced it already).
+func (s *sender) announce() {
+	st := s.st
 	if st.Network.NetnsPath != "" && st.Network.IP.IsValid() {
-		// The target may have announced the address already: take it back.
 		if err := network.Announce(st.Network.NetnsPath, st.Network.IP, 3, 50*time.Millisecond); err != nil {
 			s.log.Warn("gratuitous ARP", "error", err)
 		}
 	}
+}
+
+// runLazy is the rest of run for --lazy (post-copy): dump without memory pages, stream, let
+// the target restore and pull the pages from this host's page server.
+func (s *sender) runLazy(ctx context.Context, freezeStart time.Time) (bool, error) {
+	st := s.st
+	undo, note, err := raisePipeMaxSize()
+	if err != nil {
+		return false, err
+	}
+	defer undo()
+	if note != "" {
+		s.sum.Notes = append(s.sum.Notes, note)
+		s.rec.Note("pipe-max-size", map[string]any{"note": note})
+	}
+	if note := precopyNote(ctx, s.o.CRIU.Path); note != "" {
+		s.sum.Notes = append(s.sum.Notes, note)
+	}
+	addr, err := pageServerAddr(s.o.To)
+	if err != nil {
+		return false, err
+	}
+	span := s.rec.Start("dump")
+	d := &lazyDump{addr: addr, done: make(chan lazyDumpResult, 1)}
+	// CRIU's dump returns when the pages are gone; it works on a copy of the state, which is
+	// taken over afterwards.
+	work := *st
+	go func() {
+		r, err := checkpoint.ContainerLocked(ctx, s.mgr, &work, checkpoint.ContainerOptions{CRIU: s.o.CRIU, ImagesDir: s.imgs, PageServer: addr, Logger: s.log})
+		d.done <- lazyDumpResult{r, err}
+	}()
+	if err := d.waitListening(ctx, 2*time.Minute); err != nil {
+		if _, derr := d.abort(); derr != nil {
+			// The dump failed: CRIU resumed the processes, the container runs as before.
+			os.RemoveAll(s.imgs)
+			return false, span.End(fmt.Errorf("migrate %s: lazy dump failed, the container keeps running here: %w", st.Name, err), nil)
+		}
+		return false, span.End(fmt.Errorf("migrate %s: lazy dump: %w", st.Name, err), nil)
+	}
+	s.sum.DumpMS = ms(time.Since(freezeStart))
+	span.End(nil, map[string]any{"pageServer": addr})
+	if err := s.leaveSegment(); err != nil {
+		return false, s.abortLazy(ctx, d, err)
+	}
+
+	span = s.rec.Start("transfer")
+	res, err := s.stream(ctx, addr)
+	if err != nil {
+		span.End(err, nil)
+		return false, s.abortLazy(ctx, d, err)
+	}
+	s.sum.DowntimeMS = s.sum.DumpMS + res.VerifyMS + res.SetupMS + res.RestoreMS // until running; pages follow
+	s.sum.Target = res
+	span.End(nil, map[string]any{"bytes": s.sum.StreamBytes, "MBps": s.sum.StreamMBps, "restoreMs": res.RestoreMS, "memoryMs": res.MemoryMS})
+	if _, err := d.wait(time.Minute); err != nil {
+		return false, fmt.Errorf("%s runs on %s, but the local lazy dump reported a failure afterwards (check that it does not run here too): %w", st.Name, s.o.To, err)
+	}
+	st.Status, st.Pid, st.PidStart = work.Status, work.Pid, work.PidStart
+	s.rec.Note("confirmed", map[string]any{"target": s.o.To, "id": res.ID, "pid": res.PID})
+	s.sum.Outcome = "migrated"
+	os.RemoveAll(s.imgs)
+	return true, nil
+}
+
+// abortLazy handles a failure after a lazy dump started serving: the page server is ended,
+// CRIU resumes the processes (a failed transfer is a failed dump), and the container is put
+// back on the segment.
+func (s *sender) abortLazy(ctx context.Context, d *lazyDump, cause error) error {
+	st := s.st
+	span := s.rec.Start("resume-here")
+	_, derr := d.abort()
+	s.sum.Outcome, s.sum.Reason = "resumed-locally", cause.Error()
+	s.rejoinSegment()
+	os.RemoveAll(s.imgs)
+	if derr == nil {
+		// Every page went to the target, whose restore then failed: the memory is gone.
+		err := fmt.Errorf("migrate %s to %s failed after the target had pulled all memory pages; the processes are lost (the dump completed): %w", st.Name, s.o.To, cause)
+		span.End(err, nil)
+		return err
+	}
+	s.announce()
 	span.End(nil, nil)
 	return fmt.Errorf("migrate %s to %s failed, the container runs here again with its connections: %w", st.Name, s.o.To, cause)
 }
 
 // stream sends the migration stream, a checkpoint archive (checkpoint.WriteArchiveTo) whose
 // manifest is authenticated with the token, and waits for the target's answer.
-func (s *sender) stream(ctx context.Context) (*Result, error) {
+func (s *sender) stream(ctx context.Context, pageServer string) (*Result, error) {
 	st := s.st
 	rec, err := checkpoint.LoadRecord(s.mgr.Dir(st.ID))
 	if err != nil {
 		return nil, fmt.Errorf("read checkpoint record: %w", err)
 	}
 	in := checkpoint.ArchiveInput{
-		Manifest:  checkpoint.Manifest{CRIUVersion: s.o.CRIU.Version.String(), Container: checkpoint.InfoOf(st), Record: *rec},
+		Manifest: checkpoint.Manifest{CRIUVersion: s.o.CRIU.Version.String(), Container: checkpoint.InfoOf(st), Record: *rec,
+			PageServer: pageServer},
 		ImagesDir: s.imgs, Config: filepath.Join(s.mgr.Dir(st.ID), "config.json"), UpperDir: s.gen.Upper,
 		TmpDir: s.mgr.RunDir(st.ID), MACKey: s.o.Token,
 	}
@@ -308,7 +413,7 @@ func (s *sender) stream(ctx context.Context) (*Result, error) {
 	err = s.cl.post(ctx, PathMigration, "application/x-tar", body, -1, &res)
 	pr.CloseWithError(io.ErrClosedPipe)
 	s.sum.StreamBytes = body.n.Load()
-	if d := time.Since(start).Seconds(); d > 0 {
+	if d := body.duration(start).Seconds(); d > 0 {
 		s.sum.StreamMBps = float64(s.sum.StreamBytes) / 1e6 / d
 	}
 	if err != nil {
@@ -338,6 +443,7 @@ func (t *tamperWriter) Write(b []byte) (int, error) {
 type progress struct {
 	r     io.Reader
 	n     atomic.Int64
+	end   atomic.Pointer[time.Time] // when the body hit EOF
 	what  string
 	total int64
 	start time.Time
@@ -349,8 +455,20 @@ func (s *sender) progressReader(what string, r io.Reader, total int64) *progress
 	return &progress{r: r, what: what, total: total, start: time.Now(), fn: s.o.Progress}
 }
 
+// duration is the time from start until the body was read to its end (or until now).
+func (p *progress) duration(start time.Time) time.Duration {
+	if end := p.end.Load(); end != nil {
+		return end.Sub(start)
+	}
+	return time.Since(start)
+}
+
 func (p *progress) Read(b []byte) (int, error) {
 	n, err := p.r.Read(b)
+	if err == io.EOF {
+		now := time.Now()
+		p.end.Store(&now)
+	}
 	v := p.n.Add(int64(n))
 	if p.fn != nil {
 		if now := time.Now(); err != nil || now.Sub(p.last) >= 100*time.Millisecond {

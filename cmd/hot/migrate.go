@@ -229,6 +229,12 @@ func printMigrateSummary(w io.Writer, s *migrate.Summary) {
 	if t := s.Target; t != nil {
 		fmt.Fprintf(tw, "downtime\t%.1f ms (dump %.1f ms, target: verify %.1f ms, setup %.1f ms, restore %.1f ms)\n", s.DowntimeMS, s.DumpMS, t.VerifyMS, t.SetupMS, t.RestoreMS)
 		fmt.Fprintf(tw, "on target\tid %s, pid %d, ip %s (%s, %d packets held)\n", shortHex(t.ID), t.PID, t.IP, t.Holding, t.Held)
+		if s.Mode == "lazy" {
+			fmt.Fprintf(tw, "memory in\t%.1f ms after the restore started (pulled from this host's page server)\n", t.MemoryMS)
+		}
+	}
+	for _, n := range s.Notes {
+		fmt.Fprintf(tw, "note\t%s\n", n)
 	}
 	fmt.Fprintf(tw, "total\t%.1f ms\n", s.TotalMS)
 	tw.Flush()
