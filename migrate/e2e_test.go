@@ -4,11 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -153,12 +159,15 @@ func (h *host) mustHot(args ...string) string {
 func (h *host) addr() string { return net.JoinHostPort(h.mgmt, "7777") }
 
 // startAgent runs `hot agent` in the host's namespace and waits until it listens.
-func (h *host) startAgent(env ...string) {
+func (h *host) startAgent(env ...string) { h.startAgentArgs(env) }
+
+func (h *host) startAgentArgs(env []string, extra ...string) {
 	t := h.l.t
 	t.Helper()
 	h.stopAgent()
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.name, testutil.HotBinary(t), "--root", h.root, "--run-root", h.runRoot,
-		"--log-level", "info", "agent", "--listen", h.addr(), "--token-file", h.l.token)
+	args := append([]string{"--net=/run/netns/" + h.name, testutil.HotBinary(t), "--root", h.root, "--run-root", h.runRoot,
+		"--log-level", "info", "agent", "--listen", h.addr(), "--token-file", h.l.token}, extra...)
+	cmd := exec.Command("nsenter", args...)
 	cmd.Env = append(os.Environ(), env...)
 	h.agentMu.Lock()
 	h.log.Reset()
@@ -398,9 +407,92 @@ func TestMigrate(t *testing.T) {
 		m.runsOn(l.b, l.a)
 	})
 
+	t.Run("mutual TLS", func(t *testing.T) {
+		dir := t.TempDir()
+		ca := newCA(t, dir, "ca")
+		other := newCA(t, dir, "other-ca")
+		ca.issue(t, dir, "agent", net.ParseIP(l.a.mgmt))
+		ca.issue(t, dir, "client", nil)
+		other.issue(t, dir, "intruder", nil)
+		pem := func(n string) string { return filepath.Join(dir, n) }
+		l.a.startAgentArgs(nil, "--tls-cert", pem("agent.crt"), "--tls-key", pem("agent.key"), "--tls-ca", pem("ca.crt"))
+		defer l.a.startAgent()
+		// A client certificate from another CA is refused during the handshake.
+		r := l.b.hot("migrate", m.name, "--to", l.a.addr(), "--token-file", l.token,
+			"--tls-cert", pem("intruder.crt"), "--tls-key", pem("intruder.key"), "--tls-ca", pem("ca.crt"))
+		if r.ExitCode == 0 || !strings.Contains(r.Stderr, "preflight") {
+			t.Fatalf("migration with a foreign client certificate: exit %d, stderr %q; want a refusal at preflight", r.ExitCode, r.Stderr)
+		}
+		// Plain HTTP to a TLS agent gets nowhere either.
+		if r := l.b.hot("migrate", m.name, "--to", l.a.addr(), "--token-file", l.token); r.ExitCode == 0 {
+			t.Fatalf("plain HTTP to a TLS agent succeeded: %s", r.Stdout)
+		}
+		m.runsOn(l.b, l.a)
+		out := l.b.mustHot("migrate", m.name, "--to", l.a.addr(), "--token-file", l.token,
+			"--tls-cert", pem("client.crt"), "--tls-key", pem("client.key"), "--tls-ca", pem("ca.crt"))
+		t.Logf("B→A over mutual TLS:\n%s", out)
+		m.runsOn(l.a, l.b)
+	})
+
 	rep := m.load.Snapshot()
 	if rep.Failures != 0 {
 		t.Fatalf("failed requests over the whole test: %v", rep.Errors)
 	}
 	t.Logf("whole test: %d answers, longest wait %v", rep.Requests, rep.MaxGap)
+}
+
+// testCA issues certificates for the mutual TLS test.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newCA(t *testing.T, dir, name string) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	writePEM(t, filepath.Join(dir, name+".crt"), "CERTIFICATE", der)
+	return &testCA{cert: cert, key: key}
+}
+
+// issue writes NAME.crt and NAME.key, valid for ip when given (a server), as a client otherwise.
+func (ca *testCA) issue(t *testing.T, dir, name string, ip net.IP) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	if ip != nil {
+		tmpl.IPAddresses, tmpl.ExtKeyUsage = []net.IP{ip}, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writePEM(t, filepath.Join(dir, name+".crt"), "CERTIFICATE", der)
+	kd, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writePEM(t, filepath.Join(dir, name+".key"), "PRIVATE KEY", kd)
+}
+
+func writePEM(t *testing.T, path, kind string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: kind, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
