@@ -43,7 +43,7 @@ import (
 // Both hosts use the same bridge name and container subnet, so a container's address is
 // valid on either; hot in each host namespace has its own --root and --run-root.
 type lab struct {
-	t              *testing.T
+	t              testing.TB
 	sfx            string
 	bridge, subnet string
 	client         string // netns name
@@ -62,14 +62,14 @@ type host struct {
 	log     bytes.Buffer // the agent's stderr
 }
 
-func ip(t *testing.T, args ...string) {
+func ip(t testing.TB, args ...string) {
 	t.Helper()
 	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	testutil.RequireRoot(t)
 	for _, c := range []string{"nsenter", "nft", "ip", "iptables"} {
 		testutil.RequireCommand(t, c)
@@ -237,7 +237,7 @@ func (h *host) inspect(name string) (*container.Container, bool) {
 }
 
 // inNetns runs fn on a thread in the named namespace (sockets it opens stay there).
-func inNetns(t *testing.T, name string, fn func()) {
+func inNetns(t testing.TB, name string, fn func()) {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -270,12 +270,20 @@ func startServer(t *testing.T, l *lab) *migration {
 	rootfs := testutil.DemoRootfs(t, "v1", nil)
 	l.a.mustHot("image", "import", "--rootfs", rootfs, "--tag", "demo:v1",
 		"--entrypoint", "/app", "--cmd", "-listen", "--cmd", ":8080")
-	l.a.mustHot("run", "-d", "--name", "web", "--bridge", l.bridge, "--subnet", l.subnet, "demo:v1")
-	c, ok := l.a.inspect("web")
+	return l.serve(l.a, "web", "demo:v1")
+}
+
+// serve runs image as a container named name on h and starts 4 keep-alive clients on it
+// from the client namespace.
+func (l *lab) serve(h *host, name, image string) *migration {
+	t := l.t
+	t.Helper()
+	h.mustHot("run", "-d", "--name", name, "--bridge", l.bridge, "--subnet", l.subnet, image)
+	c, ok := h.inspect(name)
 	if !ok {
-		t.Fatal("container web not found after run")
+		t.Fatalf("container %s not found after run", name)
 	}
-	m := &migration{l: l, name: "web", ip: c.Network.IP.String()}
+	m := &migration{l: l, name: name, ip: c.Network.IP.String()}
 	addr := net.JoinHostPort(m.ip, "8080")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -447,7 +455,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newCA(t *testing.T, dir, name string) *testCA {
+func newCA(t testing.TB, dir, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -466,7 +474,7 @@ func newCA(t *testing.T, dir, name string) *testCA {
 }
 
 // issue writes NAME.crt and NAME.key, valid for ip when given (a server), as a client otherwise.
-func (ca *testCA) issue(t *testing.T, dir, name string, ip net.IP) {
+func (ca *testCA) issue(t testing.TB, dir, name string, ip net.IP) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -490,7 +498,7 @@ func (ca *testCA) issue(t *testing.T, dir, name string, ip net.IP) {
 	writePEM(t, filepath.Join(dir, name+".key"), "PRIVATE KEY", kd)
 }
 
-func writePEM(t *testing.T, path, kind string, der []byte) {
+func writePEM(t testing.TB, path, kind string, der []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: kind, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
