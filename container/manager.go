@@ -465,6 +465,16 @@ func (m *Manager) view(st *State, locked bool) *Container {
 		c.Status = StatusUnknown
 		c.Reason = fmt.Sprintf("the container's init (pid %d) is gone and its monitor has not recorded an exit status", st.Pid)
 	}
+	if c.Status == StatusRunning && c.CgroupPaths != nil {
+		// Frozen although not paused: a checkpoint or update holds it frozen right now, or
+		// was killed while it did. 'hot resume' thaws it (and cleans what CRIU left).
+		if cg, err := cgroups.Load(st.Cgroup); err == nil {
+			if frozen, err := cg.Frozen(); err == nil && frozen {
+				c.Status = StatusPaused
+				c.Reason = "frozen, but not by 'hot pause' (a checkpoint or update in progress, or one that was interrupted): 'hot resume " + st.Name + "' thaws it"
+			}
+		}
+	}
 	return c
 }
 

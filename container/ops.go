@@ -16,6 +16,7 @@ import (
 	"github.com/hotctl/hot/cgroups"
 	"github.com/hotctl/hot/cowfs"
 	"github.com/hotctl/hot/network"
+	"github.com/hotctl/hot/sockets"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
@@ -157,6 +158,26 @@ func (m *Manager) Resume(ctx context.Context, ref string) error {
 			return fmt.Errorf("container %s is not paused", st.Name)
 		}
 		return notRunning(c)
+	}
+	if st.Status == StatusRunning {
+		// Frozen, but not by 'hot pause': a checkpoint or update was interrupted (killed)
+		// while the container was frozen. What a killed CRIU may have left must go before the
+		// thaw: sockets in TCP repair mode (they would fail the app's reads) and the network
+		// lock in its namespace (it drops the container's traffic).
+		if cg, err := cgroups.Load(st.Cgroup); err == nil {
+			if pids, err := cg.Procs(); err == nil {
+				for _, pid := range pids {
+					if _, err := sockets.SetTCPRepair(pid, false); err != nil {
+						m.log.Warn("take sockets out of TCP repair mode", "pid", pid, "err", err)
+					}
+				}
+			}
+		}
+		if st.Network.NetnsPath != "" {
+			if err := sockets.CleanupCRIULock(ctx, st.Network.NetnsPath); err != nil {
+				return fmt.Errorf("resume %s: %w", st.Name, err)
+			}
+		}
 	}
 	return m.thaw(ctx, st)
 }

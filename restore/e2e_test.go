@@ -472,3 +472,46 @@ func TestGoDefaultListenerIsCheckpointable(t *testing.T) {
 	progress(t, load, paused)
 	checkClean(t, load)
 }
+
+// TestKilledCheckpointRecoversWithResume: `hot checkpoint` SIGKILLed while the container is
+// frozen (CRIU then aborts at its next message to hot) leaves the container frozen; `hot ps`
+// shows it paused with the reason, and `hot resume` brings back the same connections.
+func TestKilledCheckpointRecoversWithResume(t *testing.T) {
+	e := newEnv(t, "serve", "-addr", ":8080", "-rss", "256")
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	cmd := exec.Command(testutil.HotBinary(t), e.args("checkpoint", "web")...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := e.inspect()
+	state := filepath.Join(c.CgroupPaths["freezer"], "freezer.state")
+	if c.CgroupPaths["freezer"] == "" {
+		state = filepath.Join(c.CgroupPaths["unified"], "cgroup.freeze")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, _ := os.ReadFile(state)
+		if s := strings.TrimSpace(string(b)); s == "FROZEN" || s == "1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the checkpoint never froze the container")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // CRIU is dumping memory now
+	cmd.Process.Kill()
+	cmd.Wait()
+	c = e.inspect()
+	if c.Status != container.StatusPaused || !strings.Contains(c.Reason, "hot resume") {
+		t.Fatalf("after a killed checkpoint: status %s (%s), want paused with a hint", c.Status, c.Reason)
+	}
+	paused := load.Snapshot()
+	e.mustHot("resume", "web")
+	if c := e.inspect(); c.Status != container.StatusRunning {
+		t.Fatalf("after resume: %s (%s)", c.Status, c.Reason)
+	}
+	progress(t, load, paused)
+	checkClean(t, load)
+}
