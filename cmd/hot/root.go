@@ -59,6 +59,7 @@ kernel. Run 'hot doctor' to see what this host supports.`,
 		newLivepatchCmd(opts),
 		newManCmd(root),
 		newImageCmd(opts),
+		newBenchCmd(opts),
 	)
 	// Commands acting on containers first finish updates a killed hot left behind.
 	for _, group := range [][]*cobra.Command{containerCommands(opts), checkpointCommands(opts), updateCommands(opts), migrateCommands(opts)} {

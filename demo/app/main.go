@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,7 +42,9 @@ const (
 func main() {
 	addr := flag.String("listen", ":8080", "address to listen on")
 	writeFile := flag.String("write-on-start", "", "file to create at first start (shows that files the container wrote survive)")
+	rssMB := flag.Int("rss", 0, "MB of memory to allocate, touch and keep resident (checkpoint and update benchmarks)")
 	flag.Parse()
+	ballast := resident(*rssMB)
 	log := slog.New(slog.NewTextHandler(os.Stdout, nil)).With("version", version, "pid", os.Getpid())
 
 	s := &server{log: log, conns: map[*conn]struct{}{}}
@@ -81,6 +84,7 @@ func main() {
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer runtime.KeepAlive(ballast)
 	for sg := range sig {
 		if sg != syscall.SIGHUP {
 			log.Info("exiting", "signal", sg.String(), "count", s.count.Load())
@@ -91,6 +95,16 @@ func main() {
 			s.resume()
 		}
 	}
+}
+
+// resident allocates mb MB and writes every page with non-zero content, so the memory is
+// resident and a checkpoint has to copy it (zero pages would be skipped).
+func resident(mb int) []byte {
+	b := make([]byte, mb<<20)
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = byte(i>>12) | 1
+	}
+	return b
 }
 
 type server struct {

@@ -3,6 +3,10 @@
 // back. A request that fails is counted and ends that client, so "zero failures and every
 // client still answering" proves that the same connections survived, and the counter values
 // prove that the server's memory did.
+//
+// With Options.Reconnect a client behaves like an ordinary HTTP client facing a restart
+// instead: a failed request is counted, and the client retries it on a new connection every
+// RetryInterval until it is answered (benchmarks of restart-based updates).
 package loadclient
 
 import (
@@ -35,8 +39,20 @@ type Report struct {
 	PerClient   []int    // answered requests per client, in LocalAddrs order
 }
 
+// Options change how clients react to failures.
+type Options struct {
+	// Reconnect retries a failed request on a new connection instead of ending the client.
+	// Every failed attempt counts as a failure; the wait for the answer (MaxGap) runs from the
+	// first attempt.
+	Reconnect bool
+	// RetryInterval is the pause before a retry; default 50 ms.
+	RetryInterval time.Duration
+}
+
 // Load is a running set of clients.
 type Load struct {
+	opts   Options
+	addr   string
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	mu     sync.Mutex
@@ -47,8 +63,16 @@ type Load struct {
 // interval between a client's requests. It returns once every connection answered one
 // request, or the first error.
 func Start(ctx context.Context, addr string, n int, interval time.Duration) (*Load, error) {
+	return StartWith(ctx, addr, n, interval, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(ctx context.Context, addr string, n int, interval time.Duration, o Options) (*Load, error) {
+	if o.RetryInterval <= 0 {
+		o.RetryInterval = 50 * time.Millisecond
+	}
 	ctx, cancel := context.WithCancel(ctx)
-	l := &Load{cancel: cancel}
+	l := &Load{cancel: cancel, opts: o, addr: addr}
 	conns := make([]net.Conn, 0, n)
 	for i := 0; i < n; i++ {
 		var d net.Dialer
@@ -80,23 +104,41 @@ func Start(ctx context.Context, addr string, n int, interval time.Duration) (*Lo
 
 func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Duration, ready chan<- error) {
 	defer l.wg.Done()
-	defer c.Close()
-	go func() { <-ctx.Done(); c.SetDeadline(time.Now()) }()
+	cur := c
+	defer func() { cur.Close() }()
+	stop := context.AfterFunc(ctx, func() {
+		l.mu.Lock()
+		cur.SetDeadline(time.Now())
+		l.mu.Unlock()
+	})
+	defer stop()
 	br := bufio.NewReader(c)
 	var prev int64
 	first := true
 	for ctx.Err() == nil {
 		t0 := time.Now()
-		v, ver, err := request(c, br)
+		v, ver, err := request(cur, br)
+		for err != nil && l.opts.Reconnect && !first && ctx.Err() == nil {
+			l.fail(cur, err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(l.opts.RetryInterval):
+			}
+			var nc net.Conn
+			if nc, err = l.redial(ctx, &cur); err == nil {
+				br = bufio.NewReader(nc)
+				v, ver, err = request(nc, br)
+			}
+		}
 		gap := time.Since(t0)
 		if ctx.Err() != nil {
 			break // stopped mid-request: not a failure
 		}
-		l.mu.Lock()
 		if err != nil {
-			l.rep.Failures++
-			l.rep.Errors = append(l.rep.Errors, fmt.Sprintf("%s: %v", c.LocalAddr(), err))
-		} else {
+			l.fail(cur, err)
+		}
+		l.mu.Lock()
+		if err == nil {
 			l.rep.Requests++
 			l.rep.PerClient[idx]++
 			if gap > l.rep.MaxGap {
@@ -132,6 +174,32 @@ func (l *Load) run(ctx context.Context, idx int, c net.Conn, interval time.Durat
 			}
 		}
 	}
+}
+
+// maxErrors bounds the failures kept verbatim in the report (a restart can cause hundreds).
+const maxErrors = 32
+
+func (l *Load) fail(c net.Conn, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.rep.Failures++
+	if len(l.rep.Errors) < maxErrors {
+		l.rep.Errors = append(l.rep.Errors, fmt.Sprintf("%s: %v", c.LocalAddr(), err))
+	}
+}
+
+// redial replaces *cur with a new connection to the same address.
+func (l *Load) redial(ctx context.Context, cur *net.Conn) (net.Conn, error) {
+	d := net.Dialer{Timeout: time.Second}
+	nc, err := d.DialContext(ctx, "tcp", l.addr)
+	if err != nil {
+		return nil, fmt.Errorf("reconnect: %w", err)
+	}
+	l.mu.Lock()
+	(*cur).Close()
+	*cur = nc
+	l.mu.Unlock()
+	return nc, nil
 }
 
 func request(c net.Conn, br *bufio.Reader) (int64, string, error) {
@@ -207,12 +275,13 @@ func (l *Load) Stop() Report {
 }
 
 // WaitProgress waits until every client answered at least min more requests than in before.
-// It fails at once when a request failed, and when timeout passes first.
+// It fails at once when a request failed (unless clients reconnect), and when timeout passes
+// first.
 func (l *Load) WaitProgress(before Report, min int, timeout time.Duration) (Report, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		now := l.Snapshot()
-		if now.Failures > 0 {
+		if now.Failures > 0 && !l.opts.Reconnect {
 			return now, fmt.Errorf("client requests failed: %v", now.Errors)
 		}
 		ok := true
