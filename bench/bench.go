@@ -48,16 +48,16 @@ type Config struct {
 
 // Sample is one trial.
 type Sample struct {
-	FreezeMS    float64 `json:"freezeMs"`    // service pause: processes stopped → running again
-	GapMS       float64 `json:"gapMs"`       // longest wait of a client for one answer
+	FreezeMS     float64 `json:"freezeMs"`               // service pause: processes stopped → running again
+	GapMS        float64 `json:"gapMs"`                  // longest wait of a client for one answer
 	ClientHoldMS float64 `json:"clientHoldMs,omitempty"` // hot: packets held (freeze + verification)
-	DumpMS      float64 `json:"dumpMs,omitempty"`
-	RestoreMS   float64 `json:"restoreMs,omitempty"`
-	DumpBytes   uint64  `json:"dumpBytes,omitempty"`
-	Failed      int     `json:"failedRequests"`
-	Requests    int     `json:"requests"`
-	StateLost   bool    `json:"stateLost"` // the counter went backwards
-	Connections string  `json:"connections"`
+	DumpMS       float64 `json:"dumpMs,omitempty"`
+	RestoreMS    float64 `json:"restoreMs,omitempty"`
+	DumpBytes    uint64  `json:"dumpBytes,omitempty"`
+	Failed       int     `json:"failedRequests"`
+	Requests     int     `json:"requests"`
+	StateLost    bool    `json:"stateLost"` // the counter went backwards
+	Connections  string  `json:"connections"`
 }
 
 // Row is one method at one memory size.

@@ -251,4 +251,3 @@ func lastLines(s string, n int) string {
 	}
 	return strings.Join(lines, " / ")
 }
-
