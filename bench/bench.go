@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hotctl/hot/events"
 	"github.com/hotctl/hot/internal/testapps/loadclient"
 	"github.com/hotctl/hot/update"
 )
@@ -48,16 +49,20 @@ type Config struct {
 
 // Sample is one trial.
 type Sample struct {
-	FreezeMS     float64 `json:"freezeMs"`               // service pause: processes stopped → running again
-	GapMS        float64 `json:"gapMs"`                  // longest wait of a client for one answer
-	ClientHoldMS float64 `json:"clientHoldMs,omitempty"` // hot: packets held (freeze + verification)
-	DumpMS       float64 `json:"dumpMs,omitempty"`
-	RestoreMS    float64 `json:"restoreMs,omitempty"`
-	DumpBytes    uint64  `json:"dumpBytes,omitempty"`
-	Failed       int     `json:"failedRequests"`
-	Requests     int     `json:"requests"`
-	StateLost    bool    `json:"stateLost"` // the counter went backwards
-	Connections  string  `json:"connections"`
+	FreezeMS     float64  `json:"freezeMs"`               // service pause: processes stopped → running again
+	GapMS        float64  `json:"gapMs"`                  // longest wait of a client for one answer
+	ClientHoldMS float64  `json:"clientHoldMs,omitempty"` // hot: packets held (freeze + verification)
+	DumpMS       float64  `json:"dumpMs,omitempty"`
+	RestoreMS    float64  `json:"restoreMs,omitempty"`
+	DumpBytes    uint64   `json:"dumpBytes,omitempty"`
+	Failed       int      `json:"failedRequests"`
+	Requests     int      `json:"requests"`
+	StateLost    bool     `json:"stateLost"` // the counter went backwards
+	Connections  string   `json:"connections"`
+	Errors       []string `json:"errors,omitempty"` // the first failed requests
+	// Phases are hot's phase durations (ms) from its events: preflight, prepare, dump, swap,
+	// restore, verify, commit.
+	Phases map[string]float64 `json:"phasesMs,omitempty"`
 }
 
 // Row is one method at one memory size.
@@ -71,7 +76,9 @@ type Row struct {
 	DumpMS    float64 `json:"dumpMsMedian,omitempty"`
 	RestoreMS float64 `json:"restoreMsMedian,omitempty"`
 	Failed    int     `json:"failedRequests"` // total over Runs
-	StateLost bool    `json:"stateLost"`
+	// Phases are the median durations of hot's phases (hot rows only).
+	Phases    map[string]float64 `json:"phasesMsMedian,omitempty"`
+	StateLost bool               `json:"stateLost"`
 	// GapVsHot is this row's median gap divided by hot's at the same size.
 	GapVsHot float64 `json:"gapVsHot,omitempty"`
 	// Skipped says why the method has no numbers (tool missing, kernel refuses…).
@@ -232,6 +239,9 @@ func sampleFromLoad(s *Sample, r loadclient.Report) {
 	s.Requests = r.Requests
 	s.StateLost = r.Regressions > 0
 	s.Connections = "kept"
+	if len(r.Errors) > 0 {
+		s.Errors = r.Errors[:min(len(r.Errors), 4)]
+	}
 	if r.Failures > 0 {
 		s.Connections = "reset, reconnected"
 	}
@@ -250,6 +260,7 @@ func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample, er
 		return s, err
 	}
 	var sum update.Summary
+	s.Phases = map[string]float64{}
 	lr, err := underLoad(ctx, c, addr, false, func() error {
 		args := []string{"update", name, "demo:v2", "--json"}
 		if c.Lazy {
@@ -259,7 +270,7 @@ func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample, er
 		if err != nil {
 			return err
 		}
-		return decodeSummary(out, &sum)
+		return decodeSummary(out, &sum, s.Phases)
 	})
 	if err != nil {
 		return s, err
@@ -272,14 +283,21 @@ func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample, er
 	return s, nil
 }
 
-// decodeSummary reads the summary object that ends `hot update --json` output (after the
-// JSON event lines).
-func decodeSummary(out string, sum *update.Summary) error {
+// decodeSummary reads the summary object that ends `hot update --json` output and the
+// durations of the phases from the JSON event lines before it.
+func decodeSummary(out string, sum *update.Summary, phases map[string]float64) error {
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
-		if lines[i] == "{" {
-			return json.Unmarshal([]byte(strings.Join(lines[i:], "\n")), sum)
+		if lines[i] != "{" {
+			continue
 		}
+		for _, l := range lines[:i] {
+			var ev events.Event
+			if json.Unmarshal([]byte(l), &ev) == nil && ev.Status == "ok" && ev.MS > 0 {
+				phases[ev.Phase] += ev.MS
+			}
+		}
+		return json.Unmarshal([]byte(strings.Join(lines[i:], "\n")), sum)
 	}
 	return fmt.Errorf("no summary in hot update output: %q", out)
 }

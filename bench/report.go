@@ -22,6 +22,16 @@ func (r *Row) summarize() {
 	r.GapMS = pick(func(s Sample) float64 { return s.GapMS })
 	r.DumpMS = pick(func(s Sample) float64 { return s.DumpMS })
 	r.RestoreMS = pick(func(s Sample) float64 { return s.RestoreMS })
+	for _, s := range r.Runs {
+		for ph := range s.Phases {
+			if r.Phases == nil {
+				r.Phases = map[string]float64{}
+			}
+			if _, done := r.Phases[ph]; !done {
+				r.Phases[ph] = pick(func(s Sample) float64 { return s.Phases[ph] })
+			}
+		}
+	}
 	r.Failed = 0
 	for _, s := range r.Runs {
 		r.Failed += s.Failed
@@ -73,7 +83,22 @@ func (rep *Report) WriteTable(w io.Writer) {
 		fmt.Fprintf(tw, "| %s | %s | %d | %.0f | %.0f | %s | %s | %s | %d | %s |\n", rssText(r.RSSMB), r.Method, len(r.Runs),
 			r.FreezeMS, r.GapMS, ratio, optMS(r.DumpMS), optMS(r.RestoreMS), r.Failed, state)
 	}
+	for _, r := range rep.Rows {
+		if len(r.Phases) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\n%s phases at %s (median ms):", r.Method, rssText(r.RSSMB))
+		for _, ph := range phaseOrder {
+			if v, ok := r.Phases[ph]; ok {
+				fmt.Fprintf(w, " %s %.0f", ph, v)
+			}
+		}
+	}
+	fmt.Fprintln(w)
 }
+
+// phaseOrder is the order of hot update's phases.
+var phaseOrder = []string{"preflight", "prepare", "dump", "swap", "restore", "verify", "commit"}
 
 func optMS(v float64) string {
 	if v == 0 {
