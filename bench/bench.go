@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hotctl/hot/bench/workload"
 	"github.com/hotctl/hot/events"
 	"github.com/hotctl/hot/internal/testapps/loadclient"
 	"github.com/hotctl/hot/update"
@@ -130,11 +131,11 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		rep.Kernel = strings.TrimSpace(string(b))
 	}
-	w := &workload{v1: filepath.Join(c.WorkDir, "rootfs-v1"), v2: filepath.Join(c.WorkDir, "rootfs-v2")}
-	if err := DemoRootfs(ctx, c.Source, w.v1, "v1", nil); err != nil {
+	w := &rootfses{v1: filepath.Join(c.WorkDir, "rootfs-v1"), v2: filepath.Join(c.WorkDir, "rootfs-v2")}
+	if err := workload.DemoRootfs(ctx, c.Source, w.v1, "v1", nil); err != nil {
 		return nil, err
 	}
-	if err := DemoRootfs(ctx, c.Source, w.v2, "v2", map[string]string{"etc/demo/v2-notes": "only in v2\n"}); err != nil {
+	if err := workload.DemoRootfs(ctx, c.Source, w.v2, "v2", map[string]string{"etc/demo/v2-notes": "only in v2\n"}); err != nil {
 		return nil, err
 	}
 	env := newHotEnv(c.Hot, filepath.Join(c.WorkDir, "hot"))
@@ -203,8 +204,8 @@ type method struct {
 	trial func(ctx context.Context, rssMB, run int) (Sample, error)
 }
 
-// workload is the demo app's two root file systems.
-type workload struct{ v1, v2 string }
+// rootfses are the demo app's two root file systems.
+type rootfses struct{ v1, v2 string }
 
 func appArgs(mb int) []string {
 	return []string{"-listen", ":8080", "-rss", strconv.Itoa(mb)}

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/hotctl/hot/bench"
+	"github.com/hotctl/hot/bench/workload"
 	"github.com/hotctl/hot/criubin"
 	"github.com/spf13/cobra"
 )
@@ -48,7 +49,7 @@ and removes them at the end.`,
 			}
 			if source == "" {
 				wd, _ := os.Getwd()
-				if source, err = bench.FindSource(wd); err != nil {
+				if source, err = workload.FindSource(wd); err != nil {
 					return usageError{err}
 				}
 			}

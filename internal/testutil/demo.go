@@ -4,16 +4,16 @@ import (
 	"context"
 	"testing"
 
-	"github.com/hotctl/hot/bench"
+	"github.com/hotctl/hot/bench/workload"
 )
 
 // DemoRootfs builds the demo app (demo/app) with the given version string into a fresh root
-// file system directory (see bench.DemoRootfs). extra files (path → content) are added, e.g.
+// file system directory (see workload.DemoRootfs). extra files (path → content) are added, e.g.
 // a file only the new version ships.
 func DemoRootfs(t testing.TB, version string, extra map[string]string) string {
 	t.Helper()
 	dir := t.TempDir()
-	if err := bench.DemoRootfs(context.Background(), ModuleRoot(t), dir, version, extra); err != nil {
+	if err := workload.DemoRootfs(context.Background(), ModuleRoot(t), dir, version, extra); err != nil {
 		t.Fatal(err)
 	}
 	return dir
