@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"os"
 	"os/exec"
@@ -511,6 +512,33 @@ func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 	e.mustHot("resume", "web")
 	if c := e.inspect(); c.Status != container.StatusRunning {
 		t.Fatalf("after resume: %s (%s)", c.Status, c.Reason)
+	}
+	progress(t, load, paused)
+	checkClean(t, load)
+}
+
+// TestRestoreAfterMonitorDied: the monitor of a checkpointed container is killed; `hot
+// restore` starts a new one and the restored tree becomes its child, same connections.
+func TestRestoreAfterMonitorDied(t *testing.T) {
+	e := newEnv(t)
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	e.mustHot("checkpoint", "web")
+	old := e.inspect().MonitorPid
+	if err := unix.Kill(old, unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 200 && unix.Kill(old, 0) == nil; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if c := e.inspect(); c.Status != container.StatusCheckpointed || !strings.Contains(c.Reason, "monitor") {
+		t.Fatalf("checkpointed container without monitor: %s (%s)", c.Status, c.Reason)
+	}
+	paused := load.Snapshot()
+	e.mustHot("restore", "web")
+	c := e.inspect()
+	if c.Status != container.StatusRunning || c.MonitorPid == old || parentOf(t, c.Pid) != c.MonitorPid {
+		t.Fatalf("after restore: %s, monitor %d (old %d), parent of init %d", c.Status, c.MonitorPid, old, parentOf(t, c.Pid))
 	}
 	progress(t, load, paused)
 	checkClean(t, load)
