@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/hotctl/hot/bench/workload"
+	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/events"
 	"github.com/hotctl/hot/internal/testapps/loadclient"
+	"github.com/hotctl/hot/restore"
 	"github.com/hotctl/hot/update"
 )
 
@@ -24,6 +26,15 @@ const (
 	MethodHot     = "hot update"
 	MethodRestart = "restart (stop + run)"
 	MethodRunc    = "runc checkpoint+restore"
+	// Operation "checkpoint": hot checkpoint + hot restore in place, plain and --lazy.
+	MethodCheckpoint     = "hot checkpoint+restore"
+	MethodCheckpointLazy = "hot checkpoint+restore --lazy"
+)
+
+// Operations a benchmark measures (Config.Operation).
+const (
+	OpUpdate     = "update"
+	OpCheckpoint = "checkpoint"
 )
 
 // Config is one benchmark run.
@@ -40,6 +51,9 @@ type Config struct {
 	Interval time.Duration
 	// Settle is how long the load runs before and after each operation (default 300 ms).
 	Settle time.Duration
+	// Operation is OpUpdate (default: hot update v1 → v2 against a restart and runc) or
+	// OpCheckpoint (hot checkpoint + restore in place, plain and --lazy, against runc).
+	Operation string
 	// Lazy passes --lazy to hot update.
 	Lazy bool
 	// Peers: run the restart-based update and runc when installed (default both).
@@ -161,7 +175,15 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 	}
 	for _, mb := range c.RSS {
 		methods := []method{{MethodHot, "", func(ctx context.Context, mb, i int) (Sample, error) { return hotTrial(ctx, c, env, mb, i) }}}
-		if !c.NoRestart {
+		if c.Operation == OpCheckpoint {
+			methods = []method{
+				{MethodCheckpoint, "", func(ctx context.Context, mb, i int) (Sample, error) {
+					return checkpointTrial(ctx, c, env, mb, i, false)
+				}},
+				{MethodCheckpointLazy, "", func(ctx context.Context, mb, i int) (Sample, error) { return checkpointTrial(ctx, c, env, mb, i, true) }},
+			}
+		}
+		if !c.NoRestart && c.Operation != OpCheckpoint {
 			methods = append(methods, method{MethodRestart, "", func(ctx context.Context, mb, i int) (Sample, error) { return restartTrial(ctx, c, env, mb, i) }})
 		}
 		if runc != nil {
@@ -186,7 +208,7 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 				row.Runs = append(row.Runs, s)
 			}
 			row.summarize()
-			if m.name == MethodHot {
+			if m.name == methods[0].name {
 				hotGap = row.GapMS
 			} else if hotGap > 0 && row.Skipped == "" {
 				row.GapVsHot = row.GapMS / hotGap
@@ -330,6 +352,58 @@ func restartTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample
 			return err
 		}
 		s.FreezeMS = ms(time.Since(start))
+		return nil
+	})
+	if err != nil {
+		return s, err
+	}
+	sampleFromLoad(&s, lr)
+	return s, nil
+}
+
+// checkpointTrial checkpoints and restores a container in place under load (hot checkpoint,
+// then hot restore [--lazy]). Pause: from the start of the checkpoint until the restored tree
+// runs (with --lazy, before all its memory is in).
+func checkpointTrial(ctx context.Context, c Config, env *hotEnv, mb, i int, lazy bool) (Sample, error) {
+	var s Sample
+	name := fmt.Sprintf("ckp%d-%d", mb, i)
+	if lazy {
+		name = fmt.Sprintf("ckl%d-%d", mb, i)
+	}
+	ip, err := env.run(ctx, append([]string{"--name", name, "demo:v1"}, appArgs(mb)...)...)
+	if err != nil {
+		return s, err
+	}
+	defer env.hot(context.WithoutCancel(ctx), "rm", "-f", name)
+	addr := net.JoinHostPort(ip.String(), "8080")
+	if err := waitHTTP(ctx, "http://"+addr+"/healthz", 60*time.Second); err != nil {
+		return s, err
+	}
+	lr, err := underLoad(ctx, c, addr, false, func() error {
+		t0 := time.Now()
+		out, err := env.hot(ctx, "checkpoint", "--json", name)
+		if err != nil {
+			return err
+		}
+		var cres checkpoint.ContainerResult
+		if err := json.Unmarshal([]byte(out), &cres); err != nil {
+			return fmt.Errorf("hot checkpoint output: %w", err)
+		}
+		t1 := time.Now()
+		args := []string{"restore", "--json", name}
+		if lazy {
+			args = append(args, "--lazy")
+		}
+		if out, err = env.hot(ctx, args...); err != nil {
+			return err
+		}
+		var rres restore.ContainerResult
+		if err := json.Unmarshal([]byte(out), &rres); err != nil {
+			return fmt.Errorf("hot restore output: %w", err)
+		}
+		s.DumpMS, s.RestoreMS = ms(t1.Sub(t0)), ms(time.Since(t1))
+		s.FreezeMS = ms(t1.Sub(t0) + time.Since(t1) - (rres.MemoryIn - rres.Running))
+		s.DumpBytes = cres.Stats.BytesWritten
 		return nil
 	})
 	if err != nil {

@@ -70,7 +70,7 @@ func (rep *Report) WriteTable(w io.Writer) {
 			continue
 		}
 		ratio := "1"
-		if r.Method != MethodHot {
+		if r.Method != MethodHot && r.Method != MethodCheckpoint {
 			ratio = "—"
 			if r.GapVsHot > 0 {
 				ratio = fmt.Sprintf("%.1f×", r.GapVsHot)
