@@ -316,8 +316,15 @@ func decodeSummary(out string, sum *update.Summary, phases map[string]float64) e
 		}
 		for _, l := range lines[:i] {
 			var ev events.Event
-			if json.Unmarshal([]byte(l), &ev) == nil && ev.Status == "ok" && ev.MS > 0 {
-				phases[ev.Phase] += ev.MS
+			if json.Unmarshal([]byte(l), &ev) != nil || ev.Status != "ok" || ev.MS <= 0 {
+				continue
+			}
+			phases[ev.Phase] += ev.MS
+			// CRIU's own numbers inside a phase, e.g. dump: criuFrozenMs, memWriteMs.
+			for k, v := range ev.Details {
+				if f, ok := v.(float64); ok && strings.HasSuffix(k, "Ms") && k != "freezeWindowMs" && k != "clientPauseMs" {
+					phases[ev.Phase+"."+strings.TrimSuffix(k, "Ms")] = f
+				}
 			}
 		}
 		return json.Unmarshal([]byte(strings.Join(lines[i:], "\n")), sum)

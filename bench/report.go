@@ -98,7 +98,8 @@ func (rep *Report) WriteTable(w io.Writer) {
 }
 
 // phaseOrder is the order of hot update's phases.
-var phaseOrder = []string{"preflight", "prepare", "dump", "swap", "restore", "verify", "commit"}
+var phaseOrder = []string{"preflight", "prepare", "dump", "dump.freeze", "dump.criuFrozen", "dump.memDump", "dump.memWrite",
+	"swap", "restore", "restore.criuRestore", "verify", "memory-in", "commit"}
 
 func optMS(v float64) string {
 	if v == 0 {

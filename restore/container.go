@@ -15,6 +15,7 @@ import (
 	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/criubin"
+	"golang.org/x/sys/unix"
 )
 
 // MonitorOp is the name of the monitor operation that restores a checkpointed container.
@@ -34,6 +35,7 @@ type helperArgs struct {
 	Cgroup     string                    `json:"cgroup,omitempty"`
 	Failpoint  string                    `json:"failpoint,omitempty"`
 	PageServer string                    `json:"pageServer,omitempty"`
+	Early      bool                      `json:"early,omitempty"`
 	Externals  []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
@@ -50,7 +52,50 @@ type ContainerOptions struct {
 	Failpoint string // tests only: FailAfterRestore
 	// PageServer pulls the pages from a remote page server (with Lazy; see Options.PageServer).
 	PageServer string
-	Logger     *slog.Logger
+	// ReturnWhenRunning, with Lazy, returns as soon as the tree runs (Result.MemoryPending):
+	// memory keeps coming in from the images in the background, so the caller must keep the
+	// images until WaitMemoryIn returns. Checkpoints in the default directory (removed after
+	// the restore) are waited for anyway.
+	ReturnWhenRunning bool
+	Logger            *slog.Logger
+}
+
+// MemoryInFile is written into the images directory by a restore that returned early
+// (ContainerOptions.ReturnWhenRunning) once all memory is in, or the copy failed.
+const MemoryInFile = "memory-in.json"
+
+// memoryIn is the content of MemoryInFile.
+type memoryIn struct {
+	MemoryIn time.Duration `json:"memoryInNs"`
+	Error    string        `json:"error,omitempty"`
+}
+
+// WaitMemoryIn waits until the lazy restore from imagesDir that returned early has copied all
+// memory into the restored tree, and returns the time that took from the restore's start.
+func WaitMemoryIn(ctx context.Context, imagesDir string, timeout time.Duration) (time.Duration, error) {
+	deadline := time.Now().Add(timeout)
+	path := filepath.Join(imagesDir, MemoryInFile)
+	for {
+		b, err := os.ReadFile(path)
+		if err == nil {
+			var m memoryIn
+			if err := json.Unmarshal(b, &m); err != nil {
+				return 0, fmt.Errorf("lazy restore: read %s: %w", path, err)
+			}
+			if m.Error != "" {
+				return m.MemoryIn, fmt.Errorf("lazy restore: copying memory into the restored tree failed: %s", m.Error)
+			}
+			return m.MemoryIn, nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("lazy restore: memory not all in after %s (no %s; log: %s)", timeout, path, filepath.Join(imagesDir, LazyPagesLog))
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 // ContainerResult is what Container did.
@@ -105,7 +150,8 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
 		}
 		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
-			Cgroup: c.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer}
+			Cgroup: c.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer, Early: o.Lazy && o.ReturnWhenRunning}
+		os.Remove(filepath.Join(rec.ImagesDir, MemoryInFile))
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
 		}
@@ -127,6 +173,11 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 		}
 		st.Status, st.Pid, st.PidStart = container.StatusRunning, r.PID, start
 		if rec.DefaultDir {
+			if r.MemoryPending {
+				if _, err := WaitMemoryIn(ctx, rec.ImagesDir, 10*time.Minute); err != nil {
+					return fmt.Errorf("restore %s: %w", c.Name, err)
+				}
+			}
 			// The images held the container's memory (on tmpfs): free it.
 			if err := os.RemoveAll(rec.ImagesDir); err != nil && o.Logger != nil {
 				o.Logger.Warn("remove checkpoint images", "dir", rec.ImagesDir, "error", err)
@@ -181,11 +232,14 @@ func NewMonitorOp() container.OpFunc {
 		argsW.Close()
 		out, _ := io.ReadAll(resR)
 		resR.Close()
-		ex := <-exited
 		var hr helperResult
 		if err := json.Unmarshal(out, &hr); err != nil {
+			ex := <-exited
 			return container.Response{Error: fmt.Sprintf("restore helper exited with code %d without a result", ex.Code)}
 		}
+		if hr.Result == nil || !hr.Result.MemoryPending {
+			<-exited
+		} // else the helper stays until the memory is in (its exit is reaped by the monitor)
 		if hr.Error != "" {
 			return container.Response{Error: hr.Error}
 		}
@@ -200,28 +254,62 @@ func NewMonitorOp() container.OpFunc {
 
 // HelperMain is `hot __restore`: it reads the restore arguments from stdin, restores, and
 // writes the result as JSON to fd 3. Fd 4 is the write end of the monitor's new output pipe.
+//
+// With helperArgs.Early (a lazy restore that returns when running) the result goes to fd 3 as
+// soon as the tree runs, and fd 3 is closed; the helper stays until all memory is in and then
+// writes MemoryInFile into the images directory.
 func HelperMain(ctx context.Context) error {
 	out := os.NewFile(3, "result")
 	if out == nil {
 		return errors.New("restore helper: no result descriptor (fd 3)")
 	}
-	defer out.Close()
-	r, err := helperMain(ctx)
-	hr := helperResult{Result: r}
-	if err != nil {
-		hr.Error = err.Error()
+	// CRIU and the lazy-pages daemon must not inherit it: the monitor reads to end of file.
+	unix.CloseOnExec(3)
+	var a helperArgs
+	if err := json.NewDecoder(os.Stdin).Decode(&a); err != nil {
+		err = fmt.Errorf("restore helper: read arguments: %w", err)
+		json.NewEncoder(out).Encode(helperResult{Error: err.Error()})
+		out.Close()
+		return err
 	}
-	if werr := json.NewEncoder(out).Encode(hr); werr != nil {
+	sent := false
+	send := func(r *Result, err error) error {
+		if sent {
+			return nil
+		}
+		sent = true
+		defer out.Close()
+		hr := helperResult{Result: r}
+		if err != nil {
+			hr.Error = err.Error()
+		}
+		return json.NewEncoder(out).Encode(hr)
+	}
+	var onRunning func(*Result)
+	if a.Early && a.Lazy {
+		onRunning = func(r *Result) { send(r, nil) }
+	}
+	r, err := helperMain(ctx, a, onRunning)
+	if onRunning != nil && sent {
+		m := memoryIn{}
+		if r != nil {
+			m.MemoryIn = r.MemoryIn
+		}
+		if err != nil {
+			m.Error = err.Error()
+		}
+		if werr := container.WriteJSONAtomic(filepath.Join(a.ImagesDir, MemoryInFile), m); werr != nil {
+			err = errors.Join(err, werr)
+		}
+		return err
+	}
+	if werr := send(r, err); werr != nil {
 		return errors.Join(err, werr)
 	}
 	return err
 }
 
-func helperMain(ctx context.Context) (*Result, error) {
-	var a helperArgs
-	if err := json.NewDecoder(os.Stdin).Decode(&a); err != nil {
-		return nil, fmt.Errorf("restore helper: read arguments: %w", err)
-	}
+func helperMain(ctx context.Context, a helperArgs, onRunning func(*Result)) (*Result, error) {
 	inherit := map[string]*os.File{}
 	output := os.NewFile(4, "output")
 	if output != nil {
@@ -242,7 +330,7 @@ func helperMain(ctx context.Context) (*Result, error) {
 		defer f.Close()
 		inherit[x.Key] = f
 	}
-	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint, PageServer: a.PageServer}
+	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint, PageServer: a.PageServer, OnRunning: onRunning}
 	if a.Cgroup != "" {
 		// CRIU and the tree it restores inherit the helper's cgroups: the container's.
 		cg, err := cgroups.Load(a.Cgroup)

@@ -31,6 +31,9 @@ type Options struct {
 	Netns *checkpoint.ExternalNetns // the namespace the dump recorded as external
 	// Lazy restores memory on demand through userfaultfd (post-copy from local images).
 	Lazy bool
+	// OnRunning, with Lazy, is called as soon as the tree runs, while its memory is still
+	// being copied in (Restore returns only once it is all in).
+	OnRunning func(*Result)
 	// CallerCgroups restores the tree into the caller's cgroups (CRIU
 	// --manage-cgroups=ignore) instead of those recorded at dump time. The container restore
 	// moves its helper into the container's cgroup first: a container recreated from an
@@ -56,8 +59,11 @@ type Result struct {
 	Running time.Duration `json:"runningNs"`
 	// MemoryIn is the time until all memory was in place (equal to Running unless Lazy).
 	MemoryIn time.Duration `json:"memoryInNs"`
-	LogPath  string        `json:"logPath"`
-	Stats    Stats         `json:"stats"`
+	// MemoryPending is set in a result handed out while memory is still being copied in
+	// (Options.OnRunning): the images must stay until WaitMemoryIn returns.
+	MemoryPending bool   `json:"memoryPending,omitempty"`
+	LogPath       string `json:"logPath"`
+	Stats         Stats  `json:"stats"`
 }
 
 // Stats are CRIU's restore numbers (stats-restore image).
@@ -146,6 +152,11 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		return res, fmt.Errorf("restore: CRIU did not report the restored PID (log: %s)", logPath)
 	}
 	if lazy != nil {
+		if opts.OnRunning != nil {
+			early := *res
+			early.MemoryPending = true
+			opts.OnRunning(&early)
+		}
 		// The daemon exits once every page has been copied into the restored tree.
 		if err := lazy.wait(ctx); err != nil {
 			return res, checkpoint.NewCRIUError("lazy-pages", filepath.Join(opts.ImagesDir, LazyPagesLog), err)

@@ -298,3 +298,48 @@ func waitHTTP(t *testing.T, url string) {
 	}
 	t.Fatalf("%s never answered", url)
 }
+
+// TestHotUpdateLazy is the update with lazy restore: the processes run again before their
+// memory is in, and everything the eager update promises still holds, rollback included.
+func TestHotUpdateLazy(t *testing.T) {
+	f := newFixture(t)
+	e := f.e
+	f.serving("v1")
+
+	t.Run("failing health probe rolls back", func(t *testing.T) {
+		r := e.Hot("update", f.name, "demo:v2", "--lazy", "--health-tcp", "9", "--health-timeout", "1s")
+		if r.ExitCode != 1 || !strings.Contains(r.Stderr, "rolled back") || !strings.Contains(r.Stderr, "health probe") {
+			t.Fatalf("exit %d, stderr %q: want a rollback naming the health probe", r.ExitCode, r.Stderr)
+		}
+		f.serving("v1")
+	})
+
+	t.Run("update keeps connections and memory", func(t *testing.T) {
+		before := f.load.Snapshot()
+		out := e.MustHot("update", f.name, "demo:v2", "--lazy", "--reload-signal", "HUP", "--health-http", "8080/healthz", "--json")
+		var sum update.Summary
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if err := json.Unmarshal([]byte(strings.Join(lastJSONObject(lines), "\n")), &sum); err != nil {
+			t.Fatalf("decode summary: %v\n%s", err, out)
+		}
+		if sum.Outcome != "updated" || sum.MemoryInMS <= 0 || sum.TCPAfter < 4 {
+			t.Errorf("summary = %+v; want updated with the lazy memory copy timed", sum)
+		}
+		t.Logf("lazy: freeze window %.1f ms, client pause %.1f ms, restore %.1f ms, memory in after %.1f ms",
+			sum.FreezeWindowMS, sum.ClientPauseMS, sum.RestoreMS, sum.MemoryInMS)
+		f.serving("v2")
+		after := f.load.Snapshot()
+		if after.LastValue <= before.LastValue || after.Regressions > 0 || after.LastVersion != "v2" {
+			t.Errorf("counter/version after the lazy update: %d → %d, %d regressions, version %q", before.LastValue, after.LastValue, after.Regressions, after.LastVersion)
+		}
+		if body, _ := get("http://" + f.addr + "/cat?path=/var/lib/demo/written-by-v1"); body != "written by v1\n" {
+			t.Errorf("file the container wrote: %q", body)
+		}
+	})
+
+	rep := f.load.Stop()
+	t.Logf("load: %d requests, %d failed, longest wait %s", rep.Requests, rep.Failures, rep.MaxGap)
+	if rep.Failures > 0 || rep.Regressions > 0 {
+		t.Errorf("clients saw %d failures and %d counter regressions: %v", rep.Failures, rep.Regressions, rep.Errors)
+	}
+}

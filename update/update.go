@@ -42,6 +42,11 @@ type Options struct {
 	// NoHold uses CRIU's network lock (packets dropped, clients retransmit) instead of holding
 	// packets in an NFQUEUE.
 	NoHold bool
+	// Lazy restores memory on demand (CRIU lazy pages from the local images through
+	// userfaultfd): the processes run again before their memory is all in, so the pause no
+	// longer grows with the memory restored. The images, needed for a rollback, are kept
+	// until all memory is in; the update commits only then.
+	Lazy bool
 	// Failpoint is for tests: "kill:PHASE" SIGKILLs this process once PHASE is journaled,
 	// "restore" makes the restore onto the new root fail.
 	Failpoint string
@@ -65,8 +70,10 @@ type Summary struct {
 	ClientPauseMS float64 `json:"clientPauseMs"`
 	DumpMS        float64 `json:"dumpMs"`
 	RestoreMS     float64 `json:"restoreMs"`
-	DumpBytes     uint64  `json:"dumpBytes"`
-	FilesCarried  int     `json:"filesCarried"`
+	// MemoryInMS (with Lazy): from the restore's start until all memory was in.
+	MemoryInMS   float64 `json:"memoryInMs,omitempty"`
+	DumpBytes    uint64  `json:"dumpBytes"`
+	FilesCarried int     `json:"filesCarried"`
 	// Replaced are held files whose content changed: the processes keep the running content,
 	// the new content is at the path.
 	Replaced     []string       `json:"replaced,omitempty"`
@@ -237,7 +244,8 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 		return nil, fmt.Errorf("%s %s: dump failed, container still running the old generation: %w", op, st.Name, err)
 	}
 	u.sum.DumpMS, u.sum.DumpBytes = ms(dres.Stats.Total), dres.Stats.BytesWritten
-	span.End(nil, map[string]any{"freezeMs": ms(dres.Stats.Freeze), "bytes": dres.Stats.BytesWritten, "pages": dres.Stats.PagesWritten})
+	span.End(nil, map[string]any{"freezeMs": ms(dres.Stats.Freeze), "bytes": dres.Stats.BytesWritten, "pages": dres.Stats.PagesWritten,
+		"criuFrozenMs": ms(dres.Stats.CRIUFrozen), "memDumpMs": ms(dres.Stats.MemDump), "memWriteMs": ms(dres.Stats.MemWrite)})
 	if err := u.save(phaseDumped); err != nil {
 		return u.rollback(ctx, err)
 	}
@@ -261,7 +269,8 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	}
 	u.sum.RestoreMS = ms(rres.Running)
 	u.sum.FreezeWindowMS = ms(time.Since(freezeStart))
-	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS})
+	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS,
+		"criuRestoreMs": ms(rres.Stats.Restore), "criuForkingMs": ms(rres.Stats.Forking)})
 	if err := publishNew(u.chg, st.Rootfs); err != nil {
 		return u.rollback(ctx, err)
 	}
@@ -277,6 +286,18 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 		return u.rollback(ctx, err)
 	}
 	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
+	if u.o.Lazy {
+		// Clients go on while the rest of the memory comes in; the images stay until then.
+		u.releaseHold()
+		span = u.rec.Start("memory-in")
+		mi, err := restore.WaitMemoryIn(ctx, u.j.ImagesDir, 10*time.Minute)
+		if err != nil {
+			span.End(err, nil)
+			return u.rollback(ctx, err)
+		}
+		u.sum.MemoryInMS = ms(mi)
+		span.End(nil, map[string]any{"memoryInMs": u.sum.MemoryInMS})
+	}
 
 	// ── commit ──
 	span = u.rec.Start("commit")
@@ -435,7 +456,7 @@ func (u *updater) restore(ctx context.Context) (*restore.Result, error) {
 	if u.o.Failpoint == "restore" {
 		return nil, errors.New("injected restore failure (failpoint)")
 	}
-	r, err := restore.ContainerLocked(ctx, u.mgr, u.st, restore.ContainerOptions{CRIU: u.o.CRIU, Logger: u.log})
+	r, err := restore.ContainerLocked(ctx, u.mgr, u.st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: u.o.Lazy, ReturnWhenRunning: u.o.Lazy, Logger: u.log})
 	if err != nil {
 		return nil, err
 	}

@@ -32,6 +32,7 @@ type updateFlags struct {
 	healthTCP                uint16
 	healthTimeout            time.Duration
 	discardChanges, noHold   bool
+	lazy                     bool
 	asJSON                   bool
 }
 
@@ -43,11 +44,12 @@ func (f *updateFlags) register(cmd *cobra.Command) {
 	fl.DurationVar(&f.healthTimeout, "health-timeout", 10*time.Second, "how long the health probe may fail before the update rolls back")
 	fl.BoolVar(&f.discardChanges, "discard-changes", false, "start from the pristine image instead of carrying the files the container wrote (memory is kept)")
 	fl.BoolVar(&f.noHold, "no-hold", false, "drop client packets during the pause (CRIU's network lock) instead of holding them")
+	fl.BoolVar(&f.lazy, "lazy", false, "restore memory on demand (CRIU lazy pages): the processes run before all memory is in, so the pause does not grow with memory; the update commits once all is in")
 	fl.BoolVar(&f.asJSON, "json", false, "print events as JSON lines and the summary as JSON")
 }
 
 func (f *updateFlags) options(cmd *cobra.Command, opts *globalOptions, name string, dir string) (update.Options, error) {
-	o := update.Options{DiscardChanges: f.discardChanges, NoHold: f.noHold, Logger: opts.logger, Failpoint: updateFailpoint()}
+	o := update.Options{DiscardChanges: f.discardChanges, NoHold: f.noHold, Lazy: f.lazy, Logger: opts.logger, Failpoint: updateFailpoint()}
 	if f.reloadSignal != "" {
 		sig := unix.SignalNum("SIG" + strings.TrimPrefix(strings.ToUpper(f.reloadSignal), "SIG"))
 		if sig == 0 {
@@ -181,6 +183,9 @@ func printSummary(w io.Writer, s *update.Summary) {
 		fmt.Fprintf(tw, "reason\t%s\n", s.Reason)
 	}
 	fmt.Fprintf(tw, "freeze window\t%.1f ms (dump %.1f ms, restore %.1f ms, %s written)\n", s.FreezeWindowMS, s.DumpMS, s.RestoreMS, humanBytes(s.DumpBytes))
+	if s.MemoryInMS > 0 {
+		fmt.Fprintf(tw, "lazy memory\tall in %.1f ms after the restore started (the processes ran after %.1f ms)\n", s.MemoryInMS, s.RestoreMS)
+	}
 	fmt.Fprintf(tw, "client pause\t%.1f ms (%s, %d packets held)\n", s.ClientPauseMS, s.Holding, s.HeldPackets)
 	fmt.Fprintf(tw, "tcp established\t%d before, %d after\n", s.TCPBefore, s.TCPAfter)
 	fmt.Fprintf(tw, "files carried\t%d\n", s.FilesCarried)
