@@ -24,6 +24,7 @@ import (
 // Methods, in report order.
 const (
 	MethodHot     = "hot update"
+	MethodHotLazy = "hot update --lazy"
 	MethodRestart = "restart (stop + run)"
 	MethodRunc    = "runc checkpoint+restore"
 	// Operation "checkpoint": hot checkpoint + hot restore in place, plain and --lazy.
@@ -54,7 +55,7 @@ type Config struct {
 	// Operation is OpUpdate (default: hot update v1 → v2 against a restart and runc) or
 	// OpCheckpoint (hot checkpoint + restore in place, plain and --lazy, against runc).
 	Operation string
-	// Lazy passes --lazy to hot update.
+	// Lazy also measures hot update --lazy (lazy restore), in a row after hot update's.
 	Lazy bool
 	// Peers: run the restart-based update and runc when installed (default both).
 	NoRestart, NoRunc bool
@@ -174,7 +175,10 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 		defer runc.close()
 	}
 	for _, mb := range c.RSS {
-		methods := []method{{MethodHot, "", func(ctx context.Context, mb, i int) (Sample, error) { return hotTrial(ctx, c, env, mb, i) }}}
+		methods := []method{{MethodHot, "", func(ctx context.Context, mb, i int) (Sample, error) { return hotTrial(ctx, c, env, mb, i, false) }}}
+		if c.Lazy && c.Operation != OpCheckpoint {
+			methods = append(methods, method{MethodHotLazy, "", func(ctx context.Context, mb, i int) (Sample, error) { return hotTrial(ctx, c, env, mb, i, true) }})
+		}
 		if c.Operation == OpCheckpoint {
 			methods = []method{
 				{MethodCheckpoint, "", func(ctx context.Context, mb, i int) (Sample, error) {
@@ -270,9 +274,12 @@ func sampleFromLoad(s *Sample, r loadclient.Report) {
 	}
 }
 
-func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample, error) {
+func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int, lazy bool) (Sample, error) {
 	var s Sample
 	name := fmt.Sprintf("hot%d-%d", mb, i)
+	if lazy {
+		name = fmt.Sprintf("lazy%d-%d", mb, i)
+	}
 	ip, err := env.run(ctx, append([]string{"--name", name, "demo:v1"}, appArgs(mb)...)...)
 	if err != nil {
 		return s, err
@@ -286,7 +293,7 @@ func hotTrial(ctx context.Context, c Config, env *hotEnv, mb, i int) (Sample, er
 	s.Phases = map[string]float64{}
 	lr, err := underLoad(ctx, c, addr, false, func() error {
 		args := []string{"update", name, "demo:v2", "--json"}
-		if c.Lazy {
+		if lazy {
 			args = append(args, "--lazy")
 		}
 		out, err := env.hot(ctx, args...)

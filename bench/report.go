@@ -56,9 +56,6 @@ func median(v []float64) float64 {
 // WriteTable prints the report as a Markdown table (readable on a terminal too).
 func (rep *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "kernel %s, %d keep-alive clients, medians of the runs per row", rep.Kernel, rep.Clients)
-	if rep.Lazy {
-		fmt.Fprint(w, ", hot update --lazy")
-	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w)
 	tw := w

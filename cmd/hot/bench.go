@@ -96,7 +96,7 @@ func newBenchOpCmd(opts *globalOptions, op string, cmd *cobra.Command) *cobra.Co
 	f.IntVar(&runs, "runs", 3, "trials per method and size (the report gives medians)")
 	f.StringVar(&source, "source", "", "hot's source tree, to build the demo app (default: found above the current directory)")
 	if op == bench.OpUpdate {
-		f.BoolVar(&lazy, "lazy", false, "run hot update with --lazy")
+		f.BoolVar(&lazy, "lazy", false, "also measure hot update --lazy (lazy restore), side by side with hot update")
 		f.BoolVar(&noRestart, "no-restart", false, "skip the restart-based update")
 	}
 	f.BoolVar(&noRunc, "no-runc", false, "skip runc checkpoint/restore")
