@@ -30,7 +30,7 @@ func NewHotEnv(t testing.TB) *HotEnv {
 	rand.Read(b)
 	dir := t.TempDir()
 	e := &HotEnv{T: t, Root: dir + "/root", RunRoot: dir + "/run",
-		Bridge: "hote" + hex.EncodeToString(b[:3]), Subnet: fmt.Sprintf("10.197.%d.0/24", 10+int(b[3])%240)}
+		Bridge: "hote" + hex.EncodeToString(b[:3]), Subnet: fmt.Sprintf("10.194.%d.0/24", 10+int(b[3])%240)} // 10.194/16: no other test uses it
 	t.Cleanup(func() {
 		out := RunHot(t, time.Minute, e.Args("ps", "-aq")...)
 		for _, id := range strings.Fields(out.Stdout) {
