@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -474,6 +475,11 @@ func (m *Manager) view(st *State, locked bool) *Container {
 				c.Reason = "frozen, but not by 'hot pause' (a checkpoint or update in progress, or one that was interrupted): 'hot resume " + st.Name + "' thaws it"
 			}
 		}
+		// CRIU thaws the freezer once it holds the tasks with ptrace: still stopped.
+		if tracer := procTracer(st.Pid); c.Status == StatusRunning && tracer != 0 {
+			c.Status = StatusPaused
+			c.Reason = fmt.Sprintf("held by process %d (CRIU: a checkpoint or update in progress, or one that was interrupted): 'hot resume %s' waits for it and thaws", tracer, st.Name)
+		}
 	}
 	return c
 }
@@ -592,3 +598,18 @@ func ProcStartTime(pid int) (uint64, error) { return procStartTime(pid) }
 // Save writes st to disk atomically before WithLock would, for multi-step operations that
 // must leave a truthful state file at every step (the hot update). The caller holds the lock.
 func (m *Manager) Save(st *State) error { return m.p.saveState(st) }
+
+// procTracer returns the pid tracing pid (ptrace), or 0.
+func procTracer(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}

@@ -161,9 +161,21 @@ func (m *Manager) Resume(ctx context.Context, ref string) error {
 	}
 	if st.Status == StatusRunning {
 		// Frozen, but not by 'hot pause': a checkpoint or update was interrupted (killed)
-		// while the container was frozen. What a killed CRIU may have left must go before the
-		// thaw: sockets in TCP repair mode (they would fail the app's reads) and the network
-		// lock in its namespace (it drops the container's traffic).
+		// while the container was frozen. A CRIU that outlived its caller still holds the
+		// tasks: it fails at its next message to the caller and puts them back; wait for that.
+		for deadline := time.Now().Add(60 * time.Second); procTracer(st.Pid) != 0; {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("resume %s: process %d still traces its init after 60s: a checkpoint still runs?", st.Name, procTracer(st.Pid))
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		// What a killed CRIU may have left must go before the thaw: sockets in TCP repair mode
+		// (they would fail the app's reads) and the network lock in its namespace (it drops the
+		// container's traffic).
 		if cg, err := cgroups.Load(st.Cgroup); err == nil {
 			if pids, err := cg.Procs(); err == nil {
 				for _, pid := range pids {
