@@ -4,8 +4,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"golang.org/x/sys/unix"
@@ -26,45 +24,16 @@ import (
 	"github.com/hotctl/hot/sockets"
 )
 
-// env is one test's private hot installation (own --root, --run-root, bridge, subnet) with the
-// httpcount image imported and one container "web" running it.
+// env is one test's private hot installation (testutil.HotEnv) with the httpcount image
+// imported and one container "web" running it.
 type env struct {
-	t              testing.TB
-	root, runRoot  string
-	bridge, subnet string
-}
-
-func randHex(n int) string {
-	b := make([]byte, n)
-	rand.Read(b)
-	return hex.EncodeToString(b)
+	*testutil.HotEnv
 }
 
 func newEnv(t testing.TB, runArgs ...string) *env {
 	t.Helper()
-	testutil.RequireRoot(t)
-	for _, c := range []string{"nsenter", "nft", "ip"} {
-		testutil.RequireCommand(t, c)
-	}
-	rnd := make([]byte, 1)
-	rand.Read(rnd)
-	// Not t.TempDir(): the test name would make the monitor's socket path longer than a unix
-	// socket address allows (108 bytes).
-	dir, err := os.MkdirTemp("", "hotck")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{t: t, root: filepath.Join(dir, "root"), runRoot: filepath.Join(dir, "run"),
-		bridge: "hotc" + randHex(3), subnet: fmt.Sprintf("10.197.%d.0/24", 10+int(rnd[0])%240)}
-	t.Cleanup(func() {
-		out := testutil.RunHot(t, time.Minute, e.args("ps", "-aq")...)
-		for _, id := range strings.Fields(out.Stdout) {
-			testutil.RunHot(t, time.Minute, e.args("rm", "-f", id)...)
-		}
-		exec.Command("ip", "link", "del", e.bridge).Run()
-		exec.Command("nft", "delete", "table", "ip", "hot-"+e.bridge).Run()
-	})
+	e := &env{testutil.NewHotEnv(t)}
+	dir := t.TempDir()
 	rootfs := filepath.Join(dir, "image")
 	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
 		t.Fatal(err)
@@ -72,8 +41,8 @@ func newEnv(t testing.TB, runArgs ...string) *env {
 	if out, err := exec.Command("cp", appBinary(t), filepath.Join(rootfs, "bin", "httpcount")).CombinedOutput(); err != nil {
 		t.Fatalf("copy app: %v: %s", err, out)
 	}
-	e.mustHot("image", "import", "--rootfs", rootfs, "--tag", "httpcount:test", "--entrypoint", "/bin/httpcount")
-	e.mustHot(append([]string{"run", "-d", "--name", "web", "--bridge", e.bridge, "--subnet", e.subnet, "httpcount:test"}, runArgs...)...)
+	e.MustHot("image", "import", "--rootfs", rootfs, "--tag", "httpcount:test", "--entrypoint", "/bin/httpcount")
+	e.Run(append([]string{"--name", "web", "httpcount:test"}, runArgs...)...)
 	return e
 }
 
@@ -82,36 +51,18 @@ func appBinary(t testing.TB) string {
 	return testapps.Build(t, "github.com/hotctl/hot/internal/testapps/httpcount")
 }
 
-func (e *env) args(a ...string) []string {
-	return append([]string{"--root", e.root, "--run-root", e.runRoot}, a...)
-}
-
-func (e *env) hot(a ...string) testutil.Result {
-	e.t.Helper()
-	return testutil.RunHot(e.t, 2*time.Minute, e.args(a...)...)
-}
-
-func (e *env) mustHot(a ...string) string {
-	e.t.Helper()
-	r := e.hot(a...)
-	if r.ExitCode != 0 {
-		e.t.Fatalf("hot %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(a, " "), r.ExitCode, r.Stdout, r.Stderr)
-	}
-	return r.Stdout
-}
-
 func (e *env) inspect() container.Container {
-	e.t.Helper()
+	e.T.Helper()
 	var c container.Container
-	if err := json.Unmarshal([]byte(e.mustHot("inspect", "--json", "web")), &c); err != nil {
-		e.t.Fatalf("decode inspect: %v", err)
+	if err := json.Unmarshal([]byte(e.MustHot("inspect", "--json", "web")), &c); err != nil {
+		e.T.Fatalf("decode inspect: %v", err)
 	}
 	return c
 }
 
 // clients connects 4 keep-alive clients to the container and waits until they all answered.
 func (e *env) clients() *loadclient.Load {
-	e.t.Helper()
+	e.T.Helper()
 	addr := e.inspect().Network.IP.String() + ":8080"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -124,9 +75,9 @@ func (e *env) clients() *loadclient.Load {
 		time.Sleep(50 * time.Millisecond)
 	}
 	if err != nil {
-		e.t.Fatalf("clients: %v", err)
+		e.T.Fatalf("clients: %v", err)
 	}
-	e.t.Cleanup(func() { load.Stop() })
+	e.T.Cleanup(func() { load.Stop() })
 	return load
 }
 
@@ -161,7 +112,7 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 			ipBefore := e.inspect().Network.IP
 
 			var cres checkpoint.ContainerResult
-			if err := json.Unmarshal([]byte(e.mustHot("checkpoint", "--json", "web")), &cres); err != nil {
+			if err := json.Unmarshal([]byte(e.MustHot("checkpoint", "--json", "web")), &cres); err != nil {
 				t.Fatal(err)
 			}
 			t.Logf("checkpoint: freeze %v, dump %v, total %v, %d pages", cres.Stats.Freeze, cres.Stats.Dump, cres.Stats.Total, cres.Stats.PagesWritten)
@@ -185,7 +136,7 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 				args = []string{"restore", "--lazy", "--json", "web"}
 			}
 			var rres restore.ContainerResult
-			if err := json.Unmarshal([]byte(e.mustHot(args...)), &rres); err != nil {
+			if err := json.Unmarshal([]byte(e.MustHot(args...)), &rres); err != nil {
 				t.Fatal(err)
 			}
 			t.Logf("restore: running after %v, memory in after %v", rres.Running, rres.MemoryIn)
@@ -202,10 +153,10 @@ func TestCheckpointRestoreContainer(t *testing.T) {
 			}
 			after := progress(t, load, paused)
 			// The restored app's output still reaches the container log (a new monitor pipe).
-			if logs := e.mustHot("logs", "web"); !strings.Contains(logs, fmt.Sprintf("request %d ", after.LastValue)) {
+			if logs := e.MustHot("logs", "web"); !strings.Contains(logs, fmt.Sprintf("request %d ", after.LastValue)) {
 				t.Errorf("container log lacks request %d after the restore: ...%s", after.LastValue, logs[max(0, len(logs)-300):])
 			}
-			if r := e.hot("restore", "web"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "running") {
+			if r := e.Hot("restore", "web"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "running") {
 				t.Errorf("restoring a running container: exit %d, stderr %q; want a refusal", r.ExitCode, r.Stderr)
 			}
 			if locks, err := sockets.CRIULocks(context.Background(), c.Network.NetnsPath); err != nil || len(locks) > 0 {
@@ -223,7 +174,7 @@ func TestCheckpointLeaveRunning(t *testing.T) {
 	e := newEnv(t)
 	load := e.clients()
 	progress(t, load, load.Snapshot())
-	e.mustHot("checkpoint", "--leave-running", "web")
+	e.MustHot("checkpoint", "--leave-running", "web")
 	if c := e.inspect(); c.Status != container.StatusRunning {
 		t.Fatalf("after --leave-running: status %s", c.Status)
 	}
@@ -238,7 +189,7 @@ func TestFailedCheckpointKeepsContainerRunning(t *testing.T) {
 			load := e.clients()
 			progress(t, load, load.Snapshot())
 			t.Setenv("HOT_FAILPOINT", fp)
-			r := e.hot("checkpoint", "web")
+			r := e.Hot("checkpoint", "web")
 			os.Unsetenv("HOT_FAILPOINT")
 			if r.ExitCode == 0 || !strings.Contains(r.Stderr, "criu dump failed") || strings.Contains(r.Stderr, "RLIMIT") {
 				t.Fatalf("injected failure: exit %d, stderr %q; want the CRIU error (not the rlimit line)", r.ExitCode, r.Stderr)
@@ -292,8 +243,8 @@ func TestExportRemoveImport(t *testing.T) {
 	progress(t, load, load.Snapshot())
 	c0 := e.inspect()
 	archive := filepath.Join(t.TempDir(), "web.ckpt.zst")
-	e.mustHot("checkpoint", "--export", archive, "--zstd", "web")
-	e.mustHot("rm", "web")
+	e.MustHot("checkpoint", "--export", archive, "--zstd", "web")
+	e.MustHot("rm", "web")
 
 	// Corrupted copies are refused before anything is created, naming the member.
 	for _, tc := range []struct{ kind, member, reason string }{
@@ -303,21 +254,21 @@ func TestExportRemoveImport(t *testing.T) {
 	} {
 		bad := filepath.Join(t.TempDir(), "bad.ckpt")
 		corruptArchive(t, archive, bad, tc.kind, tc.member)
-		r := e.hot("restore", "--import", bad, "--name", "web")
+		r := e.Hot("restore", "--import", bad, "--name", "web")
 		if r.ExitCode == 0 || !strings.Contains(r.Stderr, "member "+tc.member) || !strings.Contains(r.Stderr, tc.reason) {
 			t.Fatalf("%s %s: exit %d, stderr %q; want a refusal naming the member (%s)", tc.kind, tc.member, r.ExitCode, r.Stderr, tc.reason)
 		}
-		if out := e.mustHot("ps", "-aq"); strings.TrimSpace(out) != "" {
+		if out := e.MustHot("ps", "-aq"); strings.TrimSpace(out) != "" {
 			t.Fatalf("a refused import left containers: %q", out)
 		}
-		if ents, _ := filepath.Glob(filepath.Join(e.runRoot, ".import-*")); len(ents) != 0 {
+		if ents, _ := filepath.Glob(filepath.Join(e.RunRoot, ".import-*")); len(ents) != 0 {
 			t.Fatalf("a refused import left staging dirs: %v", ents)
 		}
 	}
 
 	// Into a store without the image: refused naming the image digest.
-	other := &env{t: t, root: filepath.Join(t.TempDir(), "root"), runRoot: filepath.Join(e.runRoot, "other"), bridge: e.bridge, subnet: e.subnet}
-	r := other.hot("restore", "--import", archive)
+	other := &testutil.HotEnv{T: t, Root: filepath.Join(t.TempDir(), "root"), RunRoot: filepath.Join(e.RunRoot, "other"), Bridge: e.Bridge, Subnet: e.Subnet}
+	r := other.Hot("restore", "--import", archive)
 	if r.ExitCode == 0 || !strings.Contains(r.Stderr, c0.ImageID.String()) {
 		t.Fatalf("import without the image: exit %d, stderr %q; want a refusal naming %s", r.ExitCode, r.Stderr, c0.ImageID)
 	}
@@ -326,7 +277,7 @@ func TestExportRemoveImport(t *testing.T) {
 		t.Errorf("inspect of the archive: manifest %+v, want image %s", sum.Manifest, c0.ImageID)
 	}
 	var res restore.ContainerResult
-	if err := json.Unmarshal([]byte(e.mustHot("restore", "--import", archive, "--json")), &res); err != nil {
+	if err := json.Unmarshal([]byte(e.MustHot("restore", "--import", archive, "--json")), &res); err != nil {
 		t.Fatal(err)
 	}
 	c := e.inspect()
@@ -402,7 +353,7 @@ func corruptArchive(t *testing.T, src, dst, kind, member string) {
 func inspectCheckpoint(t *testing.T, e *env, what string, clients []string) *checkpoint.Summary {
 	t.Helper()
 	var sum checkpoint.Summary
-	if err := json.Unmarshal([]byte(e.mustHot("checkpoint", "inspect", "--json", what)), &sum); err != nil {
+	if err := json.Unmarshal([]byte(e.MustHot("checkpoint", "inspect", "--json", what)), &sum); err != nil {
 		t.Fatal(err)
 	}
 	if len(sum.Processes) == 0 || sum.Processes[0].Comm != "httpcount" || sum.MemoryBytes < 1<<20 {
@@ -436,9 +387,9 @@ func TestFailedRestoreKeepsImagesForRetry(t *testing.T) {
 	e := newEnv(t)
 	load := e.clients()
 	progress(t, load, load.Snapshot())
-	e.mustHot("checkpoint", "web")
+	e.MustHot("checkpoint", "web")
 	t.Setenv("HOT_FAILPOINT", "restore-post-restore")
-	r := e.hot("restore", "web")
+	r := e.Hot("restore", "web")
 	os.Unsetenv("HOT_FAILPOINT")
 	if r.ExitCode == 0 || !strings.Contains(r.Stderr, "criu restore failed") || strings.Contains(r.Stderr, "RLIMIT") {
 		t.Fatalf("injected restore failure: exit %d, stderr %q; want the CRIU error", r.ExitCode, r.Stderr)
@@ -447,7 +398,7 @@ func TestFailedRestoreKeepsImagesForRetry(t *testing.T) {
 	if c.Status != container.StatusCheckpointed {
 		t.Fatalf("after a failed restore the container is %s, want checkpointed", c.Status)
 	}
-	rec, err := checkpoint.LoadRecord(filepath.Join(e.root, "containers", c.ID))
+	rec, err := checkpoint.LoadRecord(filepath.Join(e.Root, "containers", c.ID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -455,7 +406,7 @@ func TestFailedRestoreKeepsImagesForRetry(t *testing.T) {
 		t.Fatalf("images gone after a failed restore: %v", err)
 	}
 	paused := load.Snapshot()
-	e.mustHot("restore", "web")
+	e.MustHot("restore", "web")
 	progress(t, load, paused)
 	checkClean(t, load)
 }
@@ -467,9 +418,9 @@ func TestGoDefaultListenerIsCheckpointable(t *testing.T) {
 	e := newEnv(t, "serve", "-addr", ":8080", "-go-default-listener")
 	load := e.clients()
 	progress(t, load, load.Snapshot())
-	e.mustHot("checkpoint", "web")
+	e.MustHot("checkpoint", "web")
 	paused := load.Snapshot()
-	e.mustHot("restore", "web")
+	e.MustHot("restore", "web")
 	progress(t, load, paused)
 	checkClean(t, load)
 }
@@ -481,7 +432,7 @@ func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 	e := newEnv(t, "serve", "-addr", ":8080", "-rss", "256")
 	load := e.clients()
 	progress(t, load, load.Snapshot())
-	cmd := exec.Command(testutil.HotBinary(t), e.args("checkpoint", "web")...)
+	cmd := exec.Command(testutil.HotBinary(t), e.Args("checkpoint", "web")...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -512,7 +463,7 @@ func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 	}
 	t.Logf("after the kill: %s", c.Reason)
 	paused := load.Snapshot()
-	e.mustHot("resume", "web")
+	e.MustHot("resume", "web")
 	if c := e.inspect(); c.Status != container.StatusRunning {
 		t.Fatalf("after resume: %s (%s)", c.Status, c.Reason)
 	}
@@ -529,7 +480,7 @@ func TestRestoreAfterMonitorDied(t *testing.T) {
 	e := newEnv(t)
 	load := e.clients()
 	progress(t, load, load.Snapshot())
-	e.mustHot("checkpoint", "web")
+	e.MustHot("checkpoint", "web")
 	old := e.inspect().MonitorPid
 	if err := unix.Kill(old, unix.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -541,7 +492,7 @@ func TestRestoreAfterMonitorDied(t *testing.T) {
 		t.Fatalf("checkpointed container without monitor: %s (%s)", c.Status, c.Reason)
 	}
 	paused := load.Snapshot()
-	e.mustHot("restore", "web")
+	e.MustHot("restore", "web")
 	c := e.inspect()
 	if c.Status != container.StatusRunning || c.MonitorPid == old || parentOf(t, c.Pid) != c.MonitorPid {
 		t.Fatalf("after restore: %s, monitor %d (old %d), parent of init %d", c.Status, c.MonitorPid, old, parentOf(t, c.Pid))

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -28,7 +29,13 @@ func NewHotEnv(t testing.TB) *HotEnv {
 	}
 	b := make([]byte, 4)
 	rand.Read(b)
-	dir := t.TempDir()
+	// Not t.TempDir(): with a long test name the monitor's socket path
+	// (<run-root>/<32 hex id>/monitor.sock) exceeds what a unix socket address allows (108 bytes).
+	dir, err := os.MkdirTemp("", "hotenv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	e := &HotEnv{T: t, Root: dir + "/root", RunRoot: dir + "/run",
 		Bridge: "hote" + hex.EncodeToString(b[:3]), Subnet: fmt.Sprintf("10.194.%d.0/24", 10+int(b[3])%240)} // 10.194/16: no other test uses it
 	t.Cleanup(func() {
