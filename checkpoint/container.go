@@ -64,7 +64,9 @@ type ContainerOptions struct {
 	// NetworkLock is passed to CRIU (see DumpOptions.NetworkLock); "skip" when the caller holds
 	// the container's packets itself (package sockets).
 	NetworkLock string
-	Logger      *slog.Logger
+	// BeforeFreeze is called right before the container is frozen (see DumpOptions).
+	BeforeFreeze func()
+	Logger       *slog.Logger
 	// Export writes a checkpoint archive (see WriteArchive) to this file after the dump.
 	Export string
 	Zstd   bool
@@ -191,11 +193,12 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			Freezer:       cg,
 			FreezerCgroup: FreezerDir(cg),
 			// Container restores run CRIU inside the container's cgroup and ignore recorded ones.
-			SkipCgroups: true,
-			Failpoint:   o.Failpoint,
-			NetworkLock: o.NetworkLock,
-			PageServer:  o.PageServer,
-			Logger:      o.Logger,
+			SkipCgroups:  true,
+			Failpoint:    o.Failpoint,
+			NetworkLock:  o.NetworkLock,
+			PageServer:   o.PageServer,
+			BeforeFreeze: o.BeforeFreeze,
+			Logger:       o.Logger,
 		}
 		for _, x := range rec.Externals {
 			if x.Kind == ExternalFileOnHost { // pipes need no --external, only inherit-fd at restore

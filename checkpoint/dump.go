@@ -76,11 +76,14 @@ type DumpOptions struct {
 	// NetworkLock is "nftables" (default), "iptables" or "skip": how CRIU stops traffic of the
 	// dumped connections between dump and restore.
 	NetworkLock string
-	// Freezer freezes the tree before CRIU starts; FreezerCgroup is its freezer directory (v1
+	// Freezer freezes the tree once CRIU has started (its pre-dump notification); FreezerCgroup is its freezer directory (v1
 	// freezer or cgroup2 group) given to CRIU, which then finds it frozen and does not poll.
 	Freezer       Freezer
 	FreezerCgroup string
-	GhostLimit    int64 // default DefaultGhostLimit
+	// BeforeFreeze is called right before the tree is frozen (e.g. to start holding its
+	// packets): from CRIU's pre-dump notification, once CRIU has started.
+	BeforeFreeze func()
+	GhostLimit   int64 // default DefaultGhostLimit
 	// SkipCgroups leaves cgroups out of the images (CRIU --manage-cgroups=ignore): for
 	// restores that put the tree into a cgroup themselves (restore.Options.CallerCgroups).
 	SkipCgroups bool
@@ -104,6 +107,7 @@ type DumpResult struct {
 // DumpStats are the phase times (ours and CRIU's) and the memory written.
 type DumpStats struct {
 	Freeze       time.Duration `json:"freezeNs"`       // our freezer, until every task was frozen
+	FrozenAt     time.Time     `json:"frozenAt"`       // when the freeze started (the pause's start)
 	Dump         time.Duration `json:"dumpNs"`         // the CRIU call
 	CRIUFreezing time.Duration `json:"criuFreezingNs"` // CRIU's own freezing (seize)
 	CRIUFrozen   time.Duration `json:"criuFrozenNs"`   // CRIU: tasks frozen until dump done
@@ -193,14 +197,25 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 
 	start := time.Now()
 	var stats DumpStats
+	// The tree is frozen from CRIU's pre-dump notification, i.e. once CRIU has started and
+	// probed the kernel (tens of ms, more without a kdat cache on tmpfs /run), and right
+	// before it collects the tree: that start-up is not part of the pause.
 	frozen := false
-	if opts.Freezer != nil {
-		if err := opts.Freezer.Freeze(ctx); err != nil {
-			thawErr := opts.Freezer.Thaw(context.WithoutCancel(ctx))
-			return nil, errors.Join(fmt.Errorf("dump: freeze: %w", err), thawErr)
+	freeze := func() error {
+		if opts.BeforeFreeze != nil {
+			opts.BeforeFreeze()
 		}
-		frozen = true
-		stats.Freeze = time.Since(start)
+		t := time.Now()
+		stats.FrozenAt = t
+		if opts.Freezer == nil {
+			return nil
+		}
+		frozen = true // a partial freeze is thawed too
+		if err := opts.Freezer.Freeze(ctx); err != nil {
+			return fmt.Errorf("dump: freeze: %w", err)
+		}
+		stats.Freeze = time.Since(t)
+		return nil
 	}
 	// Whatever happens, the tree must not stay frozen: after a failure CRIU leaves the tasks in
 	// the freezer's state, after success (without --leave-running) the cgroup is empty but
@@ -218,9 +233,12 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 	c.SetCriuPath(opts.CRIU.Path)
 	logPath := filepath.Join(opts.ImagesDir, DumpLog)
 	t0 := time.Now()
-	nfy := &dumpNotify{failpoint: opts.Failpoint}
+	nfy := &dumpNotify{failpoint: opts.Failpoint, freeze: freeze}
 	derr := c.Dump(copts, nfy)
 	stats.Dump = time.Since(t0)
+	if derr == nil && !nfy.froze {
+		derr = errors.New("CRIU dumped without its pre-dump notification, so the tree was never frozen by us")
+	}
 	if derr != nil {
 		cerr := NewCRIUError("dump", logPath, derr)
 		log.Warn("dump failed", "pid", opts.PID, "error", cerr)
@@ -256,6 +274,19 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 type dumpNotify struct {
 	criu.NoNotify
 	failpoint string
+	freeze    func() error
+	froze     bool
+}
+
+// PreDump is CRIU's "pre-dump" notification: CRIU has started and is about to collect and
+// seize the tree. That is when the tree is frozen (our freezer returns once every task is
+// FROZEN, so CRIU's own --freeze-cgroup finds it frozen and does not poll).
+func (n *dumpNotify) PreDump() error {
+	if n.froze {
+		return nil
+	}
+	n.froze = true
+	return n.freeze()
 }
 
 func (n *dumpNotify) PostDump() error {

@@ -218,14 +218,8 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	span.End(nil, map[string]any{"generation": u.gen.N, "carried": u.sum.FilesCarried, "holding": u.sum.Holding})
 	u.failpoint(phasePrepared)
 
-	// ── freeze + dump (checkpoint freezes the cgroup itself and waits for FROZEN) ──
-	freezeStart := time.Now()
-	if u.hold != nil {
-		if err := u.hold.Hold(); err != nil {
-			u.log.Warn("hold packets", "error", err)
-		}
-		u.holdStart = freezeStart
-	}
+	// ── freeze + dump (checkpoint freezes the cgroup itself once CRIU has started, and waits
+	// for FROZEN; packets are held from right before the freeze) ──
 	if err := u.journal(phaseDumping); err != nil {
 		u.releaseHold()
 		u.discardGeneration(ctx)
@@ -235,6 +229,7 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	span = u.rec.Start("dump")
 	dres, err := checkpoint.ContainerLocked(ctx, u.mgr, st, checkpoint.ContainerOptions{
 		CRIU: u.o.CRIU, ImagesDir: u.j.ImagesDir, NetworkLock: u.networkLock(), Logger: u.log,
+		BeforeFreeze: u.startHold,
 	})
 	if err != nil {
 		// Dump thawed the processes and removed CRIU's lock: the container runs as before.
@@ -268,7 +263,7 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 		return u.rollback(ctx, err)
 	}
 	u.sum.RestoreMS = ms(rres.Running)
-	u.sum.FreezeWindowMS = ms(time.Since(freezeStart))
+	u.sum.FreezeWindowMS = ms(time.Since(dres.Stats.FrozenAt))
 	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS,
 		"criuRestoreMs": ms(rres.Stats.Restore), "criuForkingMs": ms(rres.Stats.Forking)})
 	if err := publishNew(u.chg, st.Rootfs); err != nil {
@@ -643,6 +638,17 @@ func (u *updater) discardGeneration(ctx context.Context) {
 	}
 	if err := removeJournal(u.mgr.Dir(u.st.ID)); err != nil {
 		u.log.Error("discard update", "error", err)
+	}
+}
+
+// startHold starts holding the container's packets (called right before the freeze).
+func (u *updater) startHold() {
+	if u.hold == nil {
+		return
+	}
+	u.holdStart = time.Now()
+	if err := u.hold.Hold(); err != nil {
+		u.log.Warn("hold packets", "error", err)
 	}
 }
 
