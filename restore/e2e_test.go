@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -437,20 +438,19 @@ func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := e.inspect()
-	state := filepath.Join(c.CgroupPaths["freezer"], "freezer.state")
-	if c.CgroupPaths["freezer"] == "" {
-		state = filepath.Join(c.CgroupPaths["unified"], "cgroup.freeze")
-	}
+	// CRIU seizes the tree right after the freeze (and thaws the cgroup again: the tasks stay
+	// stopped under ptrace), so "CRIU has the tree" is seen as a tracer on the init.
+	status := fmt.Sprintf("/proc/%d/status", c.Pid)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		b, _ := os.ReadFile(state)
-		if s := strings.TrimSpace(string(b)); s == "FROZEN" || s == "1" {
+		b, _ := os.ReadFile(status)
+		if m := regexp.MustCompile(`(?m)^TracerPid:\s+(\d+)`).FindSubmatch(b); m != nil && string(m[1]) != "0" {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the checkpoint never froze the container")
+			t.Fatal("the checkpoint never seized the container")
 		}
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 	time.Sleep(150 * time.Millisecond) // CRIU holds the tasks and dumps their memory now
 	cmd.Process.Kill()
