@@ -314,6 +314,17 @@ func TestHotUpdateLazy(t *testing.T) {
 		f.serving("v1")
 	})
 
+	t.Run("hot killed after the lazy restore rolls back", func(t *testing.T) {
+		t.Setenv("HOT_FAILPOINT", "update-kill:restored")
+		r := e.Hot("update", f.name, "demo:v2", "--lazy")
+		if r.ExitCode != -1 && r.ExitCode != 137 {
+			t.Fatalf("update with kill failpoint exited %d, want killed\n%s", r.ExitCode, r.Stderr)
+		}
+		os.Unsetenv("HOT_FAILPOINT")
+		e.MustHot("ps")
+		f.serving("v1")
+	})
+
 	t.Run("update keeps connections and memory", func(t *testing.T) {
 		before := f.load.Snapshot()
 		out := e.MustHot("update", f.name, "demo:v2", "--lazy", "--reload-signal", "HUP", "--health-http", "8080/healthz", "--json")
