@@ -50,14 +50,14 @@ func BenchmarkUpdate(b *testing.B) {
 			continue
 		}
 		unit := func(what string) string {
-			return strings.NewReplacer(" ", "", "(", "", ")", "", "+", "").Replace(r.Method) + "-" + strconv.Itoa(r.RSSMB) + "MB-" + what
+			return strings.NewReplacer(" ", "", "(", "", ")", "", "+", "", "-", "").Replace(r.Method) + "-" + strconv.Itoa(r.RSSMB) + "MB-" + what
 		}
 		b.ReportMetric(r.GapMS, unit("gap-ms"))
 		b.ReportMetric(r.FreezeMS, unit("pause-ms"))
 		b.ReportMetric(float64(r.Failed), unit("failed"))
 	}
 	for _, r := range rep.Rows {
-		if r.Method == bench.MethodHot && (r.Skipped != "" || r.Failed > 0 || r.StateLost) {
+		if (r.Method == bench.MethodHot || r.Method == bench.MethodHotLazy) && (r.Skipped != "" || r.Failed > 0 || r.StateLost) {
 			b.Errorf("hot update at %d MB: %d failed requests, state lost %v, %s", r.RSSMB, r.Failed, r.StateLost, r.Skipped)
 		}
 	}
