@@ -284,12 +284,20 @@ func (l *lab) serve(h *host, name, image string) *migration {
 		t.Fatalf("container %s not found after run", name)
 	}
 	m := &migration{l: l, name: name, ip: c.Network.IP.String()}
+	m.startLoad(t)
+	return m
+}
+
+// startLoad starts 4 keep-alive clients from the client namespace on m's address.
+func (m *migration) startLoad(t testing.TB) {
+	t.Helper()
+	l := m.l
 	addr := net.JoinHostPort(m.ip, "8080")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var err error
 		inNetns(t, l.client, func() {
-			m.load, err = loadclient.Start(t.Context(), addr, 4, 5*time.Millisecond)
+			m.load, err = loadclient.Start(context.Background(), addr, 4, 5*time.Millisecond)
 		})
 		if err == nil {
 			break
@@ -300,7 +308,6 @@ func (l *lab) serve(h *host, name, image string) *migration {
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Cleanup(func() { m.load.Stop() })
-	return m
 }
 
 // runsOn checks that the container runs on h (same name and address) and not on the other
