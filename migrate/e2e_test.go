@@ -351,6 +351,30 @@ func TestMigrate(t *testing.T) {
 	m := startServer(t, l)
 	m.runsOn(l.a, l.b)
 
+	t.Run("bad input changes nothing", func(t *testing.T) {
+		short := filepath.Join(t.TempDir(), "short")
+		os.WriteFile(short, []byte("tooshort\n"), 0o600)
+		for _, tc := range []struct {
+			args []string
+			code int
+			want string
+		}{
+			{[]string{"migrate", m.name, "--token-file", l.token}, 2, "--to"},
+			{[]string{"migrate", m.name, "--to", "nohostport", "--token-file", l.token}, 2, "ADDR:PORT"},
+			{[]string{"migrate", m.name, "--to", l.b.addr()}, 2, "--token-file"},
+			{[]string{"migrate", m.name, "--to", l.b.addr(), "--token-file", short}, 2, "at least 16"},
+			{[]string{"migrate", "nosuch", "--to", l.b.addr(), "--token-file", l.token}, 1, "nosuch"},
+			{[]string{"migrate", m.name, "--to", l.b.mgmt + ":1", "--token-file", l.token}, 1, "preflight"},
+			{[]string{"agent", "--listen", "nohostport", "--token-file", l.token}, 2, "ADDR:PORT"},
+		} {
+			r := l.a.hot(tc.args...)
+			if r.ExitCode != tc.code || !strings.Contains(r.Stderr, tc.want) {
+				t.Errorf("hot %s: exit %d, stderr %q; want exit %d naming %q", strings.Join(tc.args, " "), r.ExitCode, r.Stderr, tc.code, tc.want)
+			}
+		}
+		m.runsOn(l.a, l.b)
+	})
+
 	t.Run("A to B and back", func(t *testing.T) {
 		out := l.a.mustHot("migrate", m.name, "--to", l.b.addr(), "--token-file", l.token)
 		t.Logf("A→B:\n%s", out)
