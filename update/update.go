@@ -472,7 +472,7 @@ func (u *updater) verify(ctx context.Context) error {
 			wait = 200 * time.Millisecond
 		}
 		if !u.o.Health.Enabled() {
-			time.Sleep(wait)
+			waitReload(st.Pid, wait)
 		}
 	}
 	n, err := u.o.Health.wait(ctx, st.Network.NetnsPath, st.Network.IP)
@@ -604,6 +604,24 @@ func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store,
 		store.Release(ctx, j.ImageID, st.ID)
 	}
 	return removeJournal(mgr.Dir(st.ID))
+}
+
+// waitReload gives a reload signal time to act, up to limit: it returns as soon as the init's
+// executable is no longer a deleted file (it re-executed the new binary at its path). An init
+// whose binary was not replaced shows no such change, and the full limit passes.
+func waitReload(pid int, limit time.Duration) {
+	exe := fmt.Sprintf("/proc/%d/exe", pid)
+	if t, err := os.Readlink(exe); err != nil || !strings.HasSuffix(t, " (deleted)") {
+		time.Sleep(limit) // nothing observable to wait for
+		return
+	}
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if t, err := os.Readlink(exe); err == nil && !strings.HasSuffix(t, " (deleted)") {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 // discardQuietly kills the processes of cg without their TCP peers noticing: frozen, every
