@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/hotctl/hot/cowfs"
 	"log/slog"
 	"net"
 	"os"
@@ -158,7 +159,7 @@ func Run(ctx context.Context, c Config) (*Report, error) {
 	if err := mountTmpfs(env.runRoot); err != nil {
 		return nil, err
 	}
-	defer unmountAll(env.runRoot)
+	defer cowfs.Unmount(env.runRoot)
 	defer env.close(context.WithoutCancel(ctx))
 	for _, v := range []string{"v1", "v2"} {
 		dir := w.v1

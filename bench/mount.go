@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"errors"
 	"fmt"
 	"os"
 
@@ -17,13 +16,4 @@ func mountTmpfs(dir string) error {
 		return fmt.Errorf("mount tmpfs at %s: %w", dir, err)
 	}
 	return nil
-}
-
-// unmountAll detaches whatever is mounted at dir.
-func unmountAll(dir string) {
-	for i := 0; i < 8; i++ {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-			return
-		}
-	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/hotctl/hot/cowfs"
 	"io"
 	"net"
 	"os"
@@ -95,7 +96,7 @@ func (p *runcPeer) setup(ctx context.Context) error {
 func (p *runcPeer) close() {
 	exec.Command("ip", "link", "del", p.veth+"h").Run()
 	exec.Command("ip", "netns", "del", p.netns).Run()
-	unmountAll(filepath.Join(p.dir, "images"))
+	cowfs.Unmount(filepath.Join(p.dir, "images"))
 }
 
 // writeConfig writes the bundle's config.json for the demo app with mb MB resident.

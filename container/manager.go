@@ -520,23 +520,6 @@ func procAlive(pid int, start uint64) bool {
 	return start == 0 || got == start
 }
 
-// unmountAll unmounts path until nothing is mounted there.
-func unmountAll(path string) error {
-	for i := 0; i < 16; i++ {
-		err := unix.Unmount(path, 0)
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-			return nil
-		}
-		if errors.Is(err, unix.EBUSY) {
-			err = unix.Unmount(path, unix.MNT_DETACH)
-		}
-		if err != nil {
-			return fmt.Errorf("unmount %s: %w", path, err)
-		}
-	}
-	return fmt.Errorf("unmount %s: still mounted after 16 unmounts", path)
-}
-
 // failpoint kills the calling process with SIGKILL when $HOT_FAILPOINT names this point. Tests
 // use it to interrupt `hot run` at awkward moments and check that `hot ps` and `hot rm -f` cope.
 func failpoint(name string) {

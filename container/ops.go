@@ -256,7 +256,7 @@ func (m *Manager) cleanup(ctx context.Context, st *State) error {
 		waitGone(st.Pid, st.PidStart, 5*time.Second)
 	}
 	failpoint("rm-before-unmount")
-	if err := unmountAll(st.Rootfs); err != nil {
+	if err := cowfs.Unmount(st.Rootfs); err != nil {
 		errs = append(errs, err)
 	}
 	if st.Network.Mode == "bridge" {

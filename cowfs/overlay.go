@@ -134,3 +134,21 @@ func mountOverlayLegacy(target string, lowerDirs []string, upper, work string) e
 	}
 	return unix.Mount("overlay", target, "overlay", flags, opts)
 }
+
+// Unmount removes every mount stacked at target (an overlay root and whatever was mounted over
+// it), detaching lazily when one is busy. Nothing mounted there is not an error.
+func Unmount(target string) error {
+	for i := 0; i < 16; i++ {
+		err := unix.Unmount(target, 0)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if errors.Is(err, unix.EBUSY) {
+			err = unix.Unmount(target, unix.MNT_DETACH)
+		}
+		if err != nil {
+			return fmt.Errorf("unmount %s: %w", target, err)
+		}
+	}
+	return fmt.Errorf("unmount %s: still mounted after 16 unmounts", target)
+}

@@ -419,7 +419,7 @@ func (u *updater) networkLock() string {
 // swap mounts the new generation at the container's rootfs and records it as current.
 func (u *updater) swap(ctx context.Context) error {
 	st := u.st
-	if err := unmount(st.Rootfs); err != nil {
+	if err := cowfs.Unmount(st.Rootfs); err != nil {
 		return err
 	}
 	if slices.Contains(u.gen.LowerDirs, u.cur.Upper) {
@@ -578,7 +578,7 @@ func rollbackTo(ctx context.Context, mgr *container.Manager, store *cowfs.Store,
 		return fmt.Errorf("generation %d is missing from the state", j.From)
 	}
 	if st.Current != j.From || !isMounted(st.Rootfs) {
-		if err := unmount(st.Rootfs); err != nil {
+		if err := cowfs.Unmount(st.Rootfs); err != nil {
 			return err
 		}
 		if err := cowfs.MountOverlay(st.Rootfs, old.LowerDirs, old.Upper, old.Work); err != nil {
@@ -723,22 +723,6 @@ func usesImage(st *container.State, id digest.Digest) bool {
 		}
 	}
 	return false
-}
-
-func unmount(path string) error {
-	for i := 0; i < 8; i++ {
-		err := unix.Unmount(path, 0)
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-			return nil
-		}
-		if errors.Is(err, unix.EBUSY) {
-			err = unix.Unmount(path, unix.MNT_DETACH)
-		}
-		if err != nil {
-			return fmt.Errorf("unmount %s: %w", path, err)
-		}
-	}
-	return fmt.Errorf("unmount %s: still mounted", path)
 }
 
 func isMounted(path string) bool {
