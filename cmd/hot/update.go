@@ -149,11 +149,7 @@ into the newer binary keep running it until they re-execute again (--reload-sign
 }
 
 func runUpdate(cmd *cobra.Command, opts *globalOptions, f *updateFlags, name string, do func(*container.Manager, *cowfs.Store, update.Options) (*update.Summary, error)) error {
-	m, err := opts.manager()
-	if err != nil {
-		return err
-	}
-	c, err := m.Get(cmd.Context(), name)
+	m, c, err := opts.lookup(cmd, name)
 	if err != nil {
 		return err
 	}
@@ -217,11 +213,7 @@ func newHistoryCmd(opts *globalOptions) *cobra.Command {
 		Short: "List a container's root file system generations (one per update)",
 		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := opts.manager()
-			if err != nil {
-				return err
-			}
-			c, err := m.Get(cmd.Context(), args[0])
+			_, c, err := opts.lookup(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -255,11 +247,7 @@ func newEventsCmd(opts *globalOptions) *cobra.Command {
 		Short: "Show the phase events of a container's updates (and rollbacks)",
 		Args:  exactArgs(1, "a container NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := opts.manager()
-			if err != nil {
-				return err
-			}
-			c, err := m.Get(cmd.Context(), args[0])
+			_, c, err := opts.lookup(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -343,4 +331,17 @@ func lastOpText(evs []events.Event) string {
 		}
 	}
 	return s + " ('hot events' for details)"
+}
+
+// lookup opens the container manager and finds the container ref.
+func (o *globalOptions) lookup(cmd *cobra.Command, ref string) (*container.Manager, *container.Container, error) {
+	m, err := o.manager()
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := m.Get(cmd.Context(), ref)
+	if err != nil {
+		return nil, nil, err
+	}
+	return m, c, nil
 }
