@@ -426,6 +426,20 @@ func TestMigrate(t *testing.T) {
 		m.runsOn(l.b, l.a)
 	})
 
+	t.Run("hot migrate killed after the dump", func(t *testing.T) {
+		r := l.b.hotEnv([]string{"HOT_FAILPOINT=migrate-kill-after-dump"}, "migrate", m.name, "--to", l.a.addr(), "--token-file", l.token)
+		if r.ExitCode != -1 && r.ExitCode != 137 {
+			t.Fatalf("migrate with the kill failpoint exited %d, want killed\n%s", r.ExitCode, r.Stderr)
+		}
+		c, ok := l.b.inspect(m.name)
+		if !ok || c.Status != container.StatusCheckpointed {
+			t.Fatalf("after the kill the container is %v, want checkpointed on B", c)
+		}
+		// What docs/migration.md tells the operator to do: the images are still there.
+		l.b.mustHot("restore", m.name)
+		m.runsOn(l.b, l.a)
+	})
+
 	t.Run("lazy B to A and back", func(t *testing.T) {
 		out := l.b.mustHot("migrate", m.name, "--lazy", "--to", l.a.addr(), "--token-file", l.token)
 		t.Logf("B→A --lazy:\n%s", out)

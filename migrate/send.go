@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hotctl/hot/checkpoint"
@@ -34,7 +35,8 @@ type Options struct {
 	// Progress is called while data is sent (at most every 100 ms and once at the end of
 	// each transfer) with the transfer's name, bytes sent and bytes in total.
 	Progress func(what string, sent, total int64, elapsed time.Duration)
-	// Failpoint is for tests: "tamper" flips a byte of the stream after it was hashed.
+	// Failpoint is for tests: "tamper" flips a byte of the stream after it was hashed,
+	// "kill-after-dump" SIGKILLs this process once the container is dumped and off the bridge.
 	Failpoint string
 	Events    *events.Recorder
 	Logger    *slog.Logger
@@ -168,6 +170,10 @@ func (s *sender) run(ctx context.Context) (bool, error) {
 	// The address leaves this host's segment: the target claims it.
 	if err := s.leaveSegment(); err != nil {
 		return false, s.restoreHere(ctx, err)
+	}
+	if s.o.Failpoint == "kill-after-dump" {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
 	}
 
 	// ── stream; the target verifies everything, then restores ──

@@ -15,6 +15,7 @@ import (
 	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/criubin"
+	"github.com/hotctl/hot/network"
 	"golang.org/x/sys/unix"
 )
 
@@ -139,6 +140,14 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 		}
 		if c.Reason != "" { // the monitor is gone (e.g. killed): start a new one without an init
 			if err := mgr.StartMonitor(ctx, st); err != nil {
+				return fmt.Errorf("restore %s: %w", c.Name, err)
+			}
+		}
+		if c.Network.HostVeth != "" {
+			// A migration takes the container off the bridge after its dump (the target
+			// claims the address); a restore here, e.g. after `hot migrate` was killed,
+			// puts it back.
+			if err := network.SetHostLink(c.Network.HostVeth, true); err != nil {
 				return fmt.Errorf("restore %s: %w", c.Name, err)
 			}
 		}
