@@ -16,6 +16,7 @@ import (
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/criubin"
 	"github.com/hotctl/hot/network"
+	"github.com/hotctl/hot/sockets"
 	"golang.org/x/sys/unix"
 )
 
@@ -129,6 +130,7 @@ func Container(ctx context.Context, mgr *container.Manager, ref string, o Contai
 // (container.Manager.WithLock) and saves st afterwards, e.g. the hot update.
 func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.State, o ContainerOptions) (*ContainerResult, error) {
 	var res *ContainerResult
+	restored := false
 	err := func() error {
 		c := mgr.Reconciled(st)
 		switch c.Status {
@@ -143,10 +145,30 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 				return fmt.Errorf("restore %s: %w", c.Name, err)
 			}
 		}
+		// Until CRIU has restored the sockets, a client packet reaching the namespace meets
+		// no socket (a namespace made by import) or CRIU's dropping lock: hold them instead,
+		// unless the caller (update, migration) holds them already.
+		if c.Network.NetnsPath != "" {
+			if rules, err := sockets.HoldRules(ctx, c.Network.NetnsPath); err == nil && len(rules) == 0 {
+				h, err := sockets.NewHolder(ctx, c.Network.NetnsPath, sockets.HoldOptions{StartHolding: true, Logger: o.Logger})
+				if err != nil {
+					if o.Logger != nil {
+						o.Logger.Warn("restore without holding packets", "error", err)
+					}
+				} else {
+					defer func() {
+						if restored {
+							h.Release() // in order, to the restored sockets
+						}
+						h.Close() // after a failed restore the held packets are dropped: clients retransmit
+					}()
+				}
+			}
+		}
 		if c.Network.HostVeth != "" {
 			// A migration takes the container off the bridge after its dump (the target
-			// claims the address); a restore here, e.g. after `hot migrate` was killed,
-			// puts it back.
+			// claims the address), and an import creates it off the bridge; a restore here,
+			// e.g. after `hot migrate` was killed, puts it back.
 			if err := network.SetHostLink(c.Network.HostVeth, true); err != nil {
 				return fmt.Errorf("restore %s: %w", c.Name, err)
 			}
@@ -192,7 +214,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 				o.Logger.Warn("remove checkpoint images", "dir", rec.ImagesDir, "error", err)
 			}
 		}
-		res = &ContainerResult{ID: c.ID, Name: c.Name, Result: r}
+		res, restored = &ContainerResult{ID: c.ID, Name: c.Name, Result: r}, true
 		return nil
 	}()
 	return res, err
