@@ -206,7 +206,9 @@ func (m *Manager) create(ctx context.Context, st *State, img *cowfs.Image, spec 
 		if err != nil {
 			return fmt.Errorf("network: %w", err)
 		}
-		att, err := n.Attach(ctx, id, network.AttachRequest{IP: o.IP, Ports: o.Ports})
+		// A container created without an init (NoStart: import, migration target) stays off
+		// the bridge until its processes are restored (restore brings the link up).
+		att, err := n.Attach(ctx, id, network.AttachRequest{IP: o.IP, Ports: o.Ports, HostLinkDown: o.NoStart})
 		if err != nil {
 			return fmt.Errorf("attach %s to network %s: %w", id[:12], st.Network.Bridge, err)
 		}

@@ -44,6 +44,10 @@ type Config struct {
 type AttachRequest struct {
 	IP    netip.Addr    // zero: allocate the next free address
 	Ports []PortMapping // host ports to publish
+	// HostLinkDown leaves the host end of the veth down: the container is off the bridge
+	// until SetHostLink(HostVeth, true). For a namespace whose processes are restored later
+	// (import, migration): a client packet must not meet the address before its sockets.
+	HostLinkDown bool
 }
 
 // Attachment is a container's place on the network.
@@ -164,7 +168,7 @@ func (n *Network) Attach(ctx context.Context, id string, req AttachRequest) (*At
 	if err := n.save(st); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", id, err)
 	}
-	if err := n.setUp(ctx, id, l, len(st.Leases) == 1); err != nil {
+	if err := n.setUp(ctx, id, l, len(st.Leases) == 1, !req.HostLinkDown); err != nil {
 		if uerr := n.detachLocked(context.WithoutCancel(ctx), id); uerr != nil {
 			err = fmt.Errorf("%w; undo also failed: %v", err, uerr)
 		}
@@ -221,7 +225,7 @@ func probePort(p PortMapping) error {
 
 // setUp makes the host objects of a recorded lease. first: no other container is on the
 // bridge, so its address and the table may be rebuilt from the configuration.
-func (n *Network) setUp(ctx context.Context, id string, l *lease, first bool) error {
+func (n *Network) setUp(ctx context.Context, id string, l *lease, first, linkUp bool) error {
 	br, err := n.ensureBridge(first)
 	if err != nil {
 		return err
@@ -254,8 +258,10 @@ func (n *Network) setUp(ctx context.Context, id string, l *lease, first bool) er
 	if err := netlink.LinkSetHairpin(host, true); err != nil {
 		return fmt.Errorf("set hairpin on %s: %w", l.HostVeth, err)
 	}
-	if err := netlink.LinkSetUp(host); err != nil {
-		return fmt.Errorf("bring up %s: %w", l.HostVeth, err)
+	if linkUp {
+		if err := netlink.LinkSetUp(host); err != nil {
+			return fmt.Errorf("bring up %s: %w", l.HostVeth, err)
+		}
 	}
 	if err := configureInside(nsh, l.IP, n.cfg.Subnet, gateway(n.cfg.Subnet)); err != nil {
 		return fmt.Errorf("configure netns %s: %w", l.Netns, err)

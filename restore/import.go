@@ -15,7 +15,6 @@ import (
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/cowfs"
 	"github.com/hotctl/hot/criubin"
-	"github.com/hotctl/hot/network"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
@@ -119,14 +118,7 @@ func Recreate(ctx context.Context, mgr *container.Manager, m *checkpoint.Manifes
 	if err != nil {
 		return nil, fmt.Errorf("create container: %w", err)
 	}
-	if c.Network.HostVeth != "" {
-		// Off the bridge until the restore: the address is live, its sockets are not, and a
-		// client packet meeting no socket would reset the connection (the restore holds
-		// packets and puts the link back up).
-		if err := network.SetHostLink(c.Network.HostVeth, false); err != nil {
-			return nil, fmt.Errorf("take %s off the bridge until the restore: %w (remove it with 'hot rm -f %s')", c.Name, err, c.Name)
-		}
-	}
+
 	rec := m.Record
 	rec.ImagesDir = filepath.Join(mgr.RunDir(c.ID), "checkpoint")
 	rec.DefaultDir = true
