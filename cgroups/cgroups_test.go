@@ -69,7 +69,7 @@ func TestLifecycle(t *testing.T) {
 	testutil.RequireRoot(t)
 	mode, err := Mode()
 	if err != nil {
-		t.Skipf("no cgroups: %v", err)
+		t.Skipf("requires a mounted cgroup hierarchy (kernel feature): %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -183,7 +183,7 @@ func checkFreezeThaw(t *testing.T, c *Cgroup, pid int) {
 func TestFreezeV2OnHybrid(t *testing.T) {
 	testutil.RequireRoot(t)
 	if m, _ := Mode(); m != ModeHybrid {
-		t.Skipf("host cgroup mode %q: the v2 freezer is covered by TestLifecycle on pure v2, and absent on v1", m)
+		t.Skipf("requires a hybrid host (cgroup mode here: %q); the v2 freezer is covered by TestLifecycle on pure v2, and absent on v1", m)
 	}
 	ctx := context.Background()
 	c, err := Create(ctx, testName(t), Resources{})
@@ -207,7 +207,7 @@ func TestFreezeV2OnHybrid(t *testing.T) {
 func TestFreezeTimeoutThawsBack(t *testing.T) {
 	testutil.RequireRoot(t)
 	if _, err := Mode(); err != nil {
-		t.Skipf("no cgroups: %v", err)
+		t.Skipf("requires a mounted cgroup hierarchy (kernel feature): %v", err)
 	}
 	ctx := context.Background()
 	c, err := Create(ctx, testName(t), Resources{})
@@ -329,7 +329,7 @@ func maxMicros(d []time.Duration) float64 {
 func TestCreateReusesLeftover(t *testing.T) {
 	testutil.RequireRoot(t)
 	if _, err := Mode(); err != nil {
-		t.Skipf("no cgroups: %v", err)
+		t.Skipf("requires a mounted cgroup hierarchy (kernel feature): %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -365,7 +365,7 @@ func TestCreateReusesLeftover(t *testing.T) {
 func TestUnfrozenTasksNamesRunners(t *testing.T) {
 	testutil.RequireRoot(t)
 	if _, err := Mode(); err != nil {
-		t.Skipf("no cgroups: %v", err)
+		t.Skipf("requires a mounted cgroup hierarchy (kernel feature): %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -400,7 +400,7 @@ func TestUnfrozenTasksNamesRunners(t *testing.T) {
 func TestKillWithoutReaper(t *testing.T) {
 	testutil.RequireRoot(t)
 	if _, err := Mode(); err != nil {
-		t.Skipf("no cgroups: %v", err)
+		t.Skipf("requires a mounted cgroup hierarchy (kernel feature): %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

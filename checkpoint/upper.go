@@ -5,6 +5,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/hotctl/hot/cowfs"
 	"io"
 	"io/fs"
 	"os"
@@ -187,7 +188,7 @@ func ExtractDirTar(r io.Reader, dir string) error {
 			return err
 		}
 		if hdr.Typeflag != tar.TypeSymlink {
-			if err := os.Chmod(dst, fs.FileMode(mode)|modeBits(mode)); err != nil {
+			if err := os.Chmod(dst, cowfs.FileMode(mode)); err != nil {
 				return err
 			}
 			if hdr.Typeflag != tar.TypeDir {
@@ -199,21 +200,6 @@ func ExtractDirTar(r io.Reader, dir string) error {
 		os.Chtimes(dirs[i].path, dirs[i].t, dirs[i].t)
 	}
 	return nil
-}
-
-// modeBits carries setuid/setgid/sticky from a tar mode into an fs.FileMode.
-func modeBits(mode uint32) fs.FileMode {
-	var m fs.FileMode
-	if mode&unix.S_ISUID != 0 {
-		m |= fs.ModeSetuid
-	}
-	if mode&unix.S_ISGID != 0 {
-		m |= fs.ModeSetgid
-	}
-	if mode&unix.S_ISVTX != 0 {
-		m |= fs.ModeSticky
-	}
-	return m
 }
 
 // noSymlinkParents refuses a name whose parent directories inside root include a symlink.

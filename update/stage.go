@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/cowfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -141,25 +142,11 @@ func mkParents(upper, p string, stack []string) error {
 		if err := os.Lchown(dst, uid, gid); err != nil {
 			return fmt.Errorf("chown %s in new upper: %w", dir, err)
 		}
-		if err := os.Chmod(dst, os.FileMode(mode)&os.ModePerm|specialBits(mode)); err != nil {
+		if err := os.Chmod(dst, cowfs.FileMode(mode)); err != nil {
 			return fmt.Errorf("chmod %s in new upper: %w", dir, err)
 		}
 	}
 	return nil
-}
-
-func specialBits(mode uint32) os.FileMode {
-	var m os.FileMode
-	if mode&unix.S_ISUID != 0 {
-		m |= os.ModeSetuid
-	}
-	if mode&unix.S_ISGID != 0 {
-		m |= os.ModeSetgid
-	}
-	if mode&unix.S_ISVTX != 0 {
-		m |= os.ModeSticky
-	}
-	return m
 }
 
 // copyFile copies a regular file with its mode and owner to dst (replacing dst atomically).
@@ -190,7 +177,7 @@ func copyFile(src, dst string) error {
 	if err := tmp.Chown(int(st.Uid), int(st.Gid)); err != nil {
 		return err
 	}
-	if err := tmp.Chmod(os.FileMode(st.Mode&0o777) | specialBits(st.Mode)); err != nil {
+	if err := tmp.Chmod(cowfs.FileMode(st.Mode)); err != nil {
 		return err
 	}
 	if err := tmp.Close(); err != nil {
