@@ -264,6 +264,7 @@ type migration struct {
 	name string
 	ip   string
 	load *loadclient.Load
+	iso  map[string]string // the init's isolation as first seen (issue 9: migration must not widen it)
 }
 
 func startServer(t *testing.T, l *lab) *migration {
@@ -333,6 +334,16 @@ func (m *migration) runsOn(h, other *host) {
 	if c, ok := other.inspect(m.name); ok {
 		t.Fatalf("%s is still on %s: %s", m.name, other.name, c.Status)
 	}
+	// The same capabilities, no_new_privs and seccomp filter wherever it runs.
+	iso := isolationOf(t, c.Pid)
+	if m.iso == nil {
+		if iso["NoNewPrivs"] != "1" || iso["Seccomp"] != "2" {
+			t.Fatalf("container init is not confined: %v", iso)
+		}
+		m.iso = iso
+	} else if fmt.Sprint(iso) != fmt.Sprint(m.iso) {
+		t.Fatalf("isolation changed on %s: %v, was %v", h.name, iso, m.iso)
+	}
 	before := m.load.Snapshot()
 	rep, err := m.load.WaitProgress(before, 3, 30*time.Second)
 	if err != nil {
@@ -342,6 +353,26 @@ func (m *migration) runsOn(h, other *host) {
 		t.Fatalf("clients saw %d failures, %d counter regressions: %v", rep.Failures, rep.Regressions, rep.Errors)
 	}
 	t.Logf("clients: %d answers, longest wait %v, counter at %d", rep.Requests, rep.MaxGap, rep.LastValue)
+}
+
+// isolationOf reads the isolation fields of /proc/PID/status.
+func isolationOf(t testing.TB, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatalf("read status of the container init: %v", err)
+	}
+	out := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		switch k {
+		case "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp", "Seccomp_filters":
+			if ok {
+				out[k] = strings.TrimSpace(v)
+			}
+		}
+	}
+	return out
 }
 
 func TestMigrate(t *testing.T) {
