@@ -59,12 +59,12 @@ func staticBusybox(t *testing.T) string {
 	}
 	f, err := elf.Open(p)
 	if err != nil {
-		t.Skipf("busybox at %s: %v", p, err)
+		t.Skipf("requires a static busybox (busybox-static); cannot read %s: %v", p, err)
 	}
 	defer f.Close()
 	for _, prog := range f.Progs {
 		if prog.Type == elf.PT_INTERP {
-			t.Skipf("busybox at %s is dynamically linked; install busybox-static", p)
+			t.Skipf("requires a static busybox: %s is dynamically linked (install busybox-static)", p)
 		}
 	}
 	return p

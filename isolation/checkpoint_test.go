@@ -7,21 +7,12 @@ import (
 	"fmt"
 	"os/exec"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/hotctl/hot/criubin"
 	"github.com/hotctl/hot/internal/testutil"
 )
-
-// requireHotCommand skips unless this build of hot has the command.
-func requireHotCommand(t *testing.T, name string) {
-	t.Helper()
-	if r := testutil.RunHot(t, time.Minute, name, "--help"); r.ExitCode != 0 {
-		t.Skipf("hot %s is not in this build yet: %s", name, r.Stderr)
-	}
-}
 
 // bridgeFlags gives the test its own bridge and subnet (removed at the end), as hot checkpoint
 // keeps a bridged container's network namespace outside CRIU.
@@ -47,7 +38,6 @@ func bridgeFlags(t *testing.T) []string {
 // raw sockets, reboot or set the clock.
 func TestIsolationSurvivesCheckpointRestore(t *testing.T) {
 	e := newEnv(t)
-	requireHotCommand(t, "checkpoint")
 	if _, err := criubin.Find(context.Background(), ""); err != nil {
 		t.Skipf("needs CRIU >= 4.2 (make deps installs it): %v", err)
 	}

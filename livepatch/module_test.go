@@ -104,7 +104,7 @@ var thisModule = section{name: ".gnu.linkonce.this_module", data: make([]byte, 6
 func hostMachine(t *testing.T) elf.Machine {
 	m, ok := elfMachines[runtime.GOARCH]
 	if !ok {
-		t.Skipf("no ELF machine known for %s", runtime.GOARCH)
+		t.Skipf("requires an architecture with a known ELF machine (not %s)", runtime.GOARCH)
 	}
 	return m
 }

@@ -300,7 +300,7 @@ func TestDetachFromStateAlone(t *testing.T) {
 	}
 	cmd := exec.Command("nsenter", "--net="+a.NetnsPath, "sleep", "60")
 	if err := cmd.Start(); err != nil {
-		t.Skipf("nsenter (util-linux): %v", err)
+		t.Skipf("requires nsenter (util-linux, installed by `make deps`): %v", err)
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
@@ -580,7 +580,7 @@ func TestSubnetChangeAndRepair(t *testing.T) {
 		}
 	}
 	if !other.IsValid() {
-		t.Skip("no second free 10.213.X.0/24 subnet")
+		t.Skip("requires a second free 10.213.X.0/24 subnet on this host (all taken by routes)")
 	}
 	cfg2 := n.cfg
 	cfg2.Subnet = other

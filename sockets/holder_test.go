@@ -32,7 +32,7 @@ func newTestHolderOpts(t testing.TB, n *testNet, opts HoldOptions) *Holder {
 	t.Helper()
 	h, err := NewHolder(context.Background(), n.Path, opts)
 	if errors.Is(err, ErrNotSupported) {
-		t.Skipf("holding packets is not possible here: %v", err)
+		t.Skipf("requires NFQUEUE packet holding (kernel feature), not supported here: %v", err)
 	}
 	if err != nil {
 		t.Fatalf("NewHolder: %v", err)

@@ -13,7 +13,7 @@ import (
 func TestWriteCPIOListsWithCpioTool(t *testing.T) {
 	cpio, err := exec.LookPath("cpio")
 	if err != nil {
-		t.Skip("cpio tool not installed (Debian package cpio, installed by `make deps`)")
+		t.Skip("requires the cpio tool (Debian package cpio, installed by `make deps`)")
 	}
 	src := filepath.Join(t.TempDir(), "payload")
 	if err := os.WriteFile(src, []byte("hello"), 0o644); err != nil {
