@@ -135,6 +135,9 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 	if err := prepareImagesDir(opts.ImagesDir); err != nil {
 		return nil, err
 	}
+	// Where /run is not a tmpfs CRIU keeps no kernel-feature cache itself; without one each
+	// CRIU call probes the kernel (~40 ms). A failure is logged and only costs that time.
+	_ = opts.CRIU.EnsureKdatCache(ctx, log)
 	dir, err := os.Open(opts.ImagesDir)
 	if err != nil {
 		return nil, fmt.Errorf("dump: open images dir: %w", err)
@@ -198,7 +201,7 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 	start := time.Now()
 	var stats DumpStats
 	// The tree is frozen from CRIU's pre-dump notification, i.e. once CRIU has started and
-	// probed the kernel (tens of ms, more without a kdat cache on tmpfs /run), and right
+	// probed the kernel (tens of ms, more without a kdat cache), and right
 	// before it collects the tree: that start-up is not part of the pause.
 	frozen := false
 	freeze := func() error {

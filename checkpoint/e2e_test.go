@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -170,8 +169,17 @@ func TestDumpLeaveRunning(t *testing.T) {
 	}
 }
 
+// TestLazyRestore also checks that none of the three CRIU calls (dump, restore, lazy-pages)
+// probes the kernel where /run is not a tmpfs: Dump writes CRIU's kdat cache when it is missing.
 func TestLazyRestore(t *testing.T) {
 	e := startEnv(t, "-rss", "32")
+	var run unix.Statfs_t
+	diskRun := unix.Statfs("/run", &run) == nil && run.Type != unix.TMPFS_MAGIC
+	if diskRun {
+		for _, p := range []string{criubin.KdatCachePath, criubin.KdatMarkerPath} {
+			os.Remove(p)
+		}
+	}
 	e.expectProgress(t, e.load.Snapshot())
 	if _, err := checkpoint.Dump(context.Background(), e.dumpOptions()); err != nil {
 		t.Fatalf("dump: %v", err)
@@ -183,6 +191,18 @@ func TestLazyRestore(t *testing.T) {
 	e.expectProgress(t, paused)
 	if final := e.load.Stop(); final.Failures != 0 || final.Regressions != 0 {
 		t.Fatalf("failures %d (%v), regressions %d", final.Failures, final.Errors, final.Regressions)
+	}
+	if !diskRun {
+		return // CRIU keeps its cache on a tmpfs /run itself
+	}
+	for _, name := range []string{checkpoint.DumpLog, checkpoint.RestoreLog, restore.LazyPagesLog} {
+		log, err := os.ReadFile(filepath.Join(e.images, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(log), "Loaded kdat cache from "+criubin.KdatCachePath) {
+			t.Errorf("%s: CRIU probed the kernel instead of loading %s", name, criubin.KdatCachePath)
+		}
 	}
 }
 
@@ -197,7 +217,7 @@ func testFailedDump(t *testing.T, failpoint string) {
 	e.expectProgress(t, e.load.Snapshot())
 	opts := e.dumpOptions()
 	opts.Failpoint = failpoint
-	opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	opts.Logger = testutil.Logger(t)
 	_, err := checkpoint.Dump(context.Background(), opts)
 	var cerr *checkpoint.CRIUError
 	if !errors.As(err, &cerr) {
@@ -235,11 +255,4 @@ func testFailedDump(t *testing.T, failpoint string) {
 	if final := e.load.Stop(); final.Failures != 0 {
 		t.Fatalf("failures %d: %v", final.Failures, final.Errors)
 	}
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }

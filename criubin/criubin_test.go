@@ -2,6 +2,7 @@ package criubin
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -98,5 +99,66 @@ func TestFirstError(t *testing.T) {
 (00.002000) Error (criu/cr-restore.c:1): Restoring FAILED.`
 	if got := FirstError(log); !strings.Contains(got, "bad build-ID") {
 		t.Errorf("FirstError = %q, want the build-ID line", got)
+	}
+}
+
+func TestKdatMarkerRoundTrip(t *testing.T) {
+	m := kdatMarker{BootID: "95f427d3-b0ee-46c6-ac87-d277f0a7de41", CRIUVersion: "4.2.1", Size: 1024}
+	got, err := parseKdatMarker(m.String())
+	if err != nil || got != m {
+		t.Fatalf("parseKdatMarker(String()) = %+v, %v; want %+v", got, err, m)
+	}
+	// A later hot may add keys; they do not make the marker unreadable.
+	if got, err := parseKdatMarker(m.String() + "kernel=6.18\n"); err != nil || got != m {
+		t.Errorf("marker with an extra key = %+v, %v", got, err)
+	}
+}
+
+func TestParseKdatMarkerErrors(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                                      "no boot_id",
+		"boot_id=x\ncriu_version=4.2.1\n":       "no kdat_size",
+		"boot_id=x\nkdat_size=10\n":             "no criu_version",
+		"boot_id=x\ncriu_version=4\nkdat_size=": "not a positive number",
+		"boot_id=x\ncriu_version=4\nkdat_size=-3": "not a positive number",
+		"garbage": "not key=value",
+	} {
+		if _, err := parseKdatMarker(in); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("parseKdatMarker(%q) error = %v, want it to contain %q", in, err, want)
+		}
+	}
+}
+
+func TestKdatMarkerStale(t *testing.T) {
+	m := kdatMarker{BootID: "boot-a", CRIUVersion: "4.2.1", Size: 1024}
+	if r := m.staleReason("boot-a", "4.2.1", 1024); r != "" {
+		t.Errorf("same boot, CRIU and size: stale (%s)", r)
+	}
+	for _, tc := range []struct {
+		boot, version string
+		size          int64
+		want          string
+	}{
+		{"boot-b", "4.2.1", 1024, "another boot"},
+		{"boot-a", "4.3.0", 1024, "written by CRIU 4.2.1, now 4.3.0"},
+		{"boot-a", "4.2.1", 0, "changed since hot wrote it"},
+	} {
+		if r := m.staleReason(tc.boot, tc.version, tc.size); !strings.Contains(r, tc.want) {
+			t.Errorf("staleReason(%s, %s, %d) = %q, want %q", tc.boot, tc.version, tc.size, r, tc.want)
+		}
+	}
+}
+
+func TestCheckKdat(t *testing.T) {
+	good := make([]byte, 64)
+	binary.NativeEndian.PutUint32(good, kdatMagic1)
+	if err := checkKdat(good); err != nil {
+		t.Errorf("checkKdat(magic) = %v", err)
+	}
+	if err := checkKdat(good[:4]); err == nil || !strings.Contains(err.Error(), "too short") {
+		t.Errorf("checkKdat(4 bytes) = %v, want too short", err)
+	}
+	if err := checkKdat(make([]byte, 64)); err == nil || !strings.Contains(err.Error(), "magic") {
+		t.Errorf("checkKdat(zeros) = %v, want a magic error", err)
 	}
 }

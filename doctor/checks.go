@@ -45,18 +45,36 @@ func builtinCheckers() []Checker {
 }
 
 // checkKdatCache: CRIU keeps its kernel-feature cache in /run/criu.kdat only when /run is a
-// tmpfs; otherwise every CRIU call (dump, restore, lazy-pages) probes the kernel again, which
-// measured ~40 ms per call on the reference host and lengthens every update's pause.
-func checkKdatCache(ctx context.Context, _ *Options) Result {
+// tmpfs; elsewhere hot keeps it itself (criubin.Binary.EnsureKdatCache, bound to the boot id),
+// else every CRIU call (dump, restore, lazy-pages) would probe the kernel again, ~40 ms each on
+// the reference host, inside every update's pause.
+func checkKdatCache(ctx context.Context, o *Options) Result {
 	var st unix.Statfs_t
 	if err := unix.Statfs("/run", &st); err != nil {
 		return missing("", "statfs /run: %v", err)
 	}
-	if st.Type != unix.TMPFS_MAGIC {
-		return limited("mount a tmpfs on /run (Debian's default) so CRIU can cache its kernel checks",
-			"/run is not a tmpfs: CRIU keeps no /run/criu.kdat and re-probes the kernel on every dump and restore (~40 ms each)")
+	if st.Type == unix.TMPFS_MAGIC {
+		return ok("/run is a tmpfs: CRIU caches its kernel checks in %s", criubin.KdatCachePath)
 	}
-	return ok("/run is a tmpfs: CRIU caches its kernel checks in /run/criu.kdat")
+	b, err := criubin.Find(ctx, o.CRIUPath)
+	if err != nil {
+		return limited("see the criu line", "/run is not a tmpfs: hot keeps CRIU's kernel-check cache %s itself, but found no CRIU (%v)", criubin.KdatCachePath, err)
+	}
+	ks, err := b.KdatCacheStatus()
+	if err != nil {
+		return limited("check that hot runs as root and /run is writable", "/run is not a tmpfs and hot cannot keep CRIU's kernel-check cache there: %v", err)
+	}
+	const kept = "/run is not a tmpfs, so CRIU keeps no kernel-check cache; hot keeps %s itself, bound to this boot (boot id %s) and CRIU %s: "
+	switch ks.State {
+	case criubin.KdatCurrent:
+		return ok(kept+"current", criubin.KdatCachePath, ks.BootID, b.Version)
+	case criubin.KdatNotRoot:
+		return limited("run hot as root", "/run is not a tmpfs: only root can keep CRIU's kernel-check cache %s there", criubin.KdatCachePath)
+	case criubin.KdatStale:
+		return ok(kept+"stale (%s), rewritten before hot's next CRIU dump or restore", criubin.KdatCachePath, ks.BootID, b.Version, ks.Reason)
+	default:
+		return ok(kept+"none yet, written before hot's next CRIU dump or restore (~60 ms, once per boot)", criubin.KdatCachePath, ks.BootID, b.Version)
+	}
 }
 
 func allCheckers() []Checker {

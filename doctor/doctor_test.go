@@ -59,6 +59,10 @@ func TestDoctorCLI(t *testing.T) {
 	if r := names["criu"]; r.Status != OK || !strings.Contains(r.Detail, "criu 4.") {
 		t.Errorf("criu line = %+v, want ok with version (run `make deps`)", r)
 	}
+	// With CRIU found and root, the kernel-check cache is CRIU's (tmpfs /run) or hot's.
+	if r := names["criu-kdat-cache"]; r.Status != OK || !strings.Contains(r.Detail, "/run/criu.kdat") {
+		t.Errorf("criu-kdat-cache line = %+v, want ok naming /run/criu.kdat", r)
+	}
 }
 
 // TestDoctorRefusesOldCRIU points doctor at a CRIU that reports 3.17.1.

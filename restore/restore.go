@@ -90,6 +90,10 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	for _, f := range []string{checkpoint.RestoreLog, crit.StatsRestore, LazyPagesLog} {
 		os.Remove(filepath.Join(opts.ImagesDir, f))
 	}
+	// Before the clock starts: where /run is not a tmpfs CRIU keeps no kernel-feature cache
+	// itself, and both CRIU calls (restore, lazy-pages) would probe the kernel (~40 ms each).
+	// A failure is logged and only costs that time.
+	_ = opts.CRIU.EnsureKdatCache(ctx, log)
 	dir, err := os.Open(opts.ImagesDir)
 	if err != nil {
 		return nil, fmt.Errorf("restore: open images dir: %w", err)
@@ -224,6 +228,7 @@ func (d *lazyDaemon) stop() {
 }
 
 // startLazyPages starts `criu lazy-pages` on the images and waits until its socket exists.
+// Restore has made sure of CRIU's kernel-feature cache (criubin.Binary.EnsureKdatCache) before.
 func startLazyPages(ctx context.Context, b criubin.Binary, imagesDir, pageServer string) (*lazyDaemon, error) {
 	args := []string{"lazy-pages", "--images-dir", imagesDir, "--work-dir", imagesDir, "--log-file", LazyPagesLog, "-v4"}
 	if pageServer != "" {
