@@ -70,6 +70,8 @@ type ContainerOptions struct {
 	// Export writes a checkpoint archive (see WriteArchive) to this file after the dump.
 	Export string
 	Zstd   bool
+	// afterDump (StartLazyDump) is called once CRIU wrote every image (see DumpOptions.AfterDump).
+	afterDump func()
 }
 
 // ContainerResult is what Container did.
@@ -198,6 +200,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			NetworkLock:  o.NetworkLock,
 			PageServer:   o.PageServer,
 			BeforeFreeze: o.BeforeFreeze,
+			AfterDump:    o.afterDump,
 			Logger:       o.Logger,
 		}
 		for _, x := range rec.Externals {

@@ -83,7 +83,10 @@ type DumpOptions struct {
 	// BeforeFreeze is called right before the tree is frozen (e.g. to start holding its
 	// packets): from CRIU's pre-dump notification, once CRIU has started.
 	BeforeFreeze func()
-	GhostLimit   int64 // default DefaultGhostLimit
+	// AfterDump is called from CRIU's post-dump notification: every image is written (with
+	// PageServer: every image but the pages, and the page server is about to listen).
+	AfterDump  func()
+	GhostLimit int64 // default DefaultGhostLimit
 	// SkipCgroups leaves cgroups out of the images (CRIU --manage-cgroups=ignore): for
 	// restores that put the tree into a cgroup themselves (restore.Options.CallerCgroups).
 	SkipCgroups bool
@@ -236,7 +239,7 @@ func Dump(ctx context.Context, opts DumpOptions) (res *DumpResult, err error) {
 	c.SetCriuPath(opts.CRIU.Path)
 	logPath := filepath.Join(opts.ImagesDir, DumpLog)
 	t0 := time.Now()
-	nfy := &dumpNotify{failpoint: opts.Failpoint, freeze: freeze}
+	nfy := &dumpNotify{failpoint: opts.Failpoint, freeze: freeze, afterDump: opts.AfterDump}
 	derr := c.Dump(copts, nfy)
 	stats.Dump = time.Since(t0)
 	if derr == nil && !nfy.froze {
@@ -278,6 +281,7 @@ type dumpNotify struct {
 	criu.NoNotify
 	failpoint string
 	freeze    func() error
+	afterDump func()
 	froze     bool
 }
 
@@ -301,6 +305,9 @@ func (n *dumpNotify) PostDump() error {
 			return err
 		}
 		return errors.New("failpoint " + FailKillCRIU)
+	}
+	if n.afterDump != nil {
+		n.afterDump()
 	}
 	return nil
 }

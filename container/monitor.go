@@ -26,6 +26,8 @@ const (
 	OpSignal   = "signal"   // send Request.Signal to the container's init
 	OpWait     = "wait"     // answer when the init has exited (at once if it already has)
 	OpShutdown = "shutdown" // end the monitor; refused while the init runs unless Force
+	// OpReplaceInit makes Request.Pid the init in place of Request.Old (see ReplaceInit).
+	OpReplaceInit = "replace-init"
 )
 
 // Request is a message to the monitor. Ops registered through MonitorOptions.Ops may carry
@@ -34,6 +36,8 @@ type Request struct {
 	Op     string          `json:"op"`
 	Signal int             `json:"signal,omitempty"`
 	Force  bool            `json:"force,omitempty"`
+	Pid    int             `json:"pid,omitempty"` // OpReplaceInit: the new init
+	Old    int             `json:"old,omitempty"` // OpReplaceInit: the init it replaces
 	Args   json.RawMessage `json:"args,omitempty"`
 }
 
@@ -397,6 +401,28 @@ func (m *Monitor) AdoptInit(pid int) error {
 	return nil
 }
 
+// ReplaceInit makes pid (a restored copy of the tree, reparented to the monitor) the
+// container's init in place of old, which still runs for now: a lazy in-place update keeps
+// the original tree frozen under CRIU until the copy has pulled its memory. From then on
+// old's exit is not the container's. ReplaceInit(pid, old) swaps back (a rollback to the
+// originals).
+func (m *Monitor) ReplaceInit(old, pid int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.initPid != old || old == 0 {
+		return fmt.Errorf("monitor: cannot replace init %d: the init is %d", old, m.initPid)
+	}
+	if ex, ok := m.unclaimed[pid]; ok {
+		delete(m.unclaimed, pid)
+		return fmt.Errorf("monitor: replace init by %d: it already exited with code %d", pid, ex.Code)
+	}
+	if err := unix.Kill(pid, 0); err != nil {
+		return fmt.Errorf("monitor: replace init by %d: %w", pid, err)
+	}
+	m.initPid = pid
+	return nil
+}
+
 // Status returns what the monitor knows now.
 func (m *Monitor) Status() MonitorStatus {
 	m.mu.Lock()
@@ -463,6 +489,13 @@ func (m *Monitor) handle(ctx context.Context, req Request) Response {
 			killPid(s.Pid, unix.SIGKILL)
 		}
 		time.AfterFunc(50*time.Millisecond, m.stop)
+		return Response{Status: &s}
+	}
+	if req.Op == OpReplaceInit {
+		if err := m.ReplaceInit(req.Old, req.Pid); err != nil {
+			return Response{Error: err.Error()}
+		}
+		s := m.Status()
 		return Response{Status: &s}
 	}
 	if f, ok := m.opts.Ops[req.Op]; ok {

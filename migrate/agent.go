@@ -345,7 +345,7 @@ func (a *Agent) restore(ctx context.Context, c *container.Container, m *checkpoi
 		}
 	}
 	if m.PageServer != "" {
-		undo, note, err := raisePipeMaxSize()
+		undo, note, err := checkpoint.RaisePipeMaxSize()
 		if err != nil {
 			return nil, err
 		}

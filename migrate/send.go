@@ -311,7 +311,7 @@ func (s *sender) announce() {
 // the target restore and pull the pages from this host's page server.
 func (s *sender) runLazy(ctx context.Context, freezeStart time.Time) (bool, error) {
 	st := s.st
-	undo, note, err := raisePipeMaxSize()
+	undo, note, err := checkpoint.RaisePipeMaxSize()
 	if err != nil {
 		return false, err
 	}
@@ -328,16 +328,11 @@ func (s *sender) runLazy(ctx context.Context, freezeStart time.Time) (bool, erro
 		return false, err
 	}
 	span := s.rec.Start("dump")
-	d := &lazyDump{addr: addr, done: make(chan lazyDumpResult, 1)}
 	// CRIU's dump returns when the pages are gone; it works on a copy of the state, which is
 	// taken over afterwards.
-	work := *st
-	go func() {
-		r, err := checkpoint.ContainerLocked(ctx, s.mgr, &work, checkpoint.ContainerOptions{CRIU: s.o.CRIU, ImagesDir: s.imgs, PageServer: addr, Logger: s.log})
-		d.done <- lazyDumpResult{r, err}
-	}()
-	if err := d.waitListening(ctx, 2*time.Minute); err != nil {
-		if _, derr := d.abort(); derr != nil {
+	d := checkpoint.StartLazyDump(ctx, s.mgr, st, checkpoint.ContainerOptions{CRIU: s.o.CRIU, ImagesDir: s.imgs, PageServer: addr, Logger: s.log})
+	if err := d.WaitServing(ctx, 2*time.Minute); err != nil {
+		if _, derr := d.Abort(); derr != nil {
 			// The dump failed: CRIU resumed the processes, the container runs as before.
 			os.RemoveAll(s.imgs)
 			return false, span.End(fmt.Errorf("migrate %s: lazy dump failed, the container keeps running here: %w", st.Name, err), nil)
@@ -359,10 +354,10 @@ func (s *sender) runLazy(ctx context.Context, freezeStart time.Time) (bool, erro
 	s.sum.DowntimeMS = s.sum.DumpMS + res.VerifyMS + res.SetupMS + res.RestoreMS // until running; pages follow
 	s.sum.Target = res
 	span.End(nil, map[string]any{"bytes": s.sum.StreamBytes, "MBps": s.sum.StreamMBps, "restoreMs": res.RestoreMS, "memoryMs": res.MemoryMS})
-	if _, err := d.wait(time.Minute); err != nil {
+	if _, err := d.Wait(time.Minute); err != nil {
 		return false, fmt.Errorf("%s runs on %s, but the local lazy dump reported a failure afterwards (check that it does not run here too): %w", st.Name, s.o.To, err)
 	}
-	st.Status, st.Pid, st.PidStart = work.Status, work.Pid, work.PidStart
+	st.Status, st.Pid, st.PidStart = d.State.Status, d.State.Pid, d.State.PidStart
 	s.rec.Note("confirmed", map[string]any{"target": s.o.To, "id": res.ID, "pid": res.PID})
 	s.sum.Outcome = "migrated"
 	os.RemoveAll(s.imgs)
@@ -372,10 +367,10 @@ func (s *sender) runLazy(ctx context.Context, freezeStart time.Time) (bool, erro
 // abortLazy handles a failure after a lazy dump started serving: the page server is ended,
 // CRIU resumes the processes (a failed transfer is a failed dump), and the container is put
 // back on the segment.
-func (s *sender) abortLazy(ctx context.Context, d *lazyDump, cause error) error {
+func (s *sender) abortLazy(ctx context.Context, d *checkpoint.LazyDump, cause error) error {
 	st := s.st
 	span := s.rec.Start("resume-here")
-	_, derr := d.abort()
+	_, derr := d.Abort()
 	s.sum.Outcome, s.sum.Reason = "resumed-locally", cause.Error()
 	s.rejoinSegment()
 	os.RemoveAll(s.imgs)

@@ -38,6 +38,7 @@ type helperArgs struct {
 	Failpoint  string                    `json:"failpoint,omitempty"`
 	PageServer string                    `json:"pageServer,omitempty"`
 	Early      bool                      `json:"early,omitempty"`
+	Replace    int                       `json:"replace,omitempty"`
 	Externals  []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
@@ -59,7 +60,12 @@ type ContainerOptions struct {
 	// images until WaitMemoryIn returns. Checkpoints in the default directory (removed after
 	// the restore) are waited for anyway.
 	ReturnWhenRunning bool
-	Logger            *slog.Logger
+	// Replace restores a copy of a tree whose original still runs with this init pid (frozen
+	// under a lazy dump that serves its pages, its sockets sidelined): the container must be
+	// running with that init, and the restored init replaces it at the monitor
+	// (container.Monitor.ReplaceInit).
+	Replace int
+	Logger  *slog.Logger
 }
 
 // MemoryInFile is written into the images directory by a restore that returned early
@@ -133,14 +139,19 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 	restored := false
 	err := func() error {
 		c := mgr.Reconciled(st)
-		switch c.Status {
-		case container.StatusCheckpointed:
-		case container.StatusRunning, container.StatusPaused:
+		switch {
+		case o.Replace != 0:
+			// Paused: the originals are held by CRIU (ptrace), as expected.
+			if (c.Status != container.StatusRunning && c.Status != container.StatusPaused) || c.Pid != o.Replace {
+				return fmt.Errorf("restore %s: %w: a restore replacing init %d needs it running, but the container is %s with init %d", c.Name, ErrNotCheckpointed, o.Replace, c.Status, c.Pid)
+			}
+		case c.Status == container.StatusCheckpointed:
+		case c.Status == container.StatusRunning, c.Status == container.StatusPaused:
 			return fmt.Errorf("restore %s: %w: it is %s, and restoring would run it twice; checkpoint it first ('hot checkpoint %s')", c.Name, ErrNotCheckpointed, c.Status, c.Name)
 		default:
 			return fmt.Errorf("restore %s: %w: it is %s", c.Name, ErrNotCheckpointed, c.Status)
 		}
-		if c.Reason != "" { // the monitor is gone (e.g. killed): start a new one without an init
+		if c.Reason != "" && o.Replace == 0 { // the monitor is gone (e.g. killed): start a new one without an init
 			if err := mgr.StartMonitor(ctx, st); err != nil {
 				return fmt.Errorf("restore %s: %w", c.Name, err)
 			}
@@ -165,7 +176,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 				}
 			}
 		}
-		if c.Network.HostVeth != "" {
+		if c.Network.HostVeth != "" && o.Replace == 0 {
 			// A migration takes the container off the bridge after its dump (the target
 			// claims the address), and an import creates it off the bridge; a restore here,
 			// e.g. after `hot migrate` was killed, puts it back.
@@ -181,7 +192,7 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 			return fmt.Errorf("restore %s: checkpoint images missing in %s: %w", c.Name, rec.ImagesDir, err)
 		}
 		args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: c.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
-			Cgroup: c.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer, Early: o.Lazy && o.ReturnWhenRunning}
+			Cgroup: c.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer, Early: o.Lazy && o.ReturnWhenRunning, Replace: o.Replace}
 		os.Remove(filepath.Join(rec.ImagesDir, MemoryInFile))
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
@@ -226,7 +237,11 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 // helper's child until the helper exits, then falls to the monitor, its subreaper.
 func NewMonitorOp() container.OpFunc {
 	return func(ctx context.Context, m *container.Monitor, req container.Request) container.Response {
-		if st := m.Status(); st.Running {
+		var a helperArgs
+		if err := json.Unmarshal(req.Args, &a); err != nil {
+			return container.Response{Error: fmt.Sprintf("restore: bad arguments: %v", err)}
+		}
+		if st := m.Status(); st.Running && (a.Replace == 0 || st.Pid != a.Replace) {
 			return container.Response{Error: fmt.Sprintf("container is running (pid %d): refusing to restore over it", st.Pid)}
 		}
 		argsR, argsW, err := os.Pipe()
@@ -274,7 +289,11 @@ func NewMonitorOp() container.OpFunc {
 		if hr.Error != "" {
 			return container.Response{Error: hr.Error}
 		}
-		if err := m.AdoptInit(hr.Result.PID); err != nil {
+		adopt := func() error { return m.AdoptInit(hr.Result.PID) }
+		if a.Replace != 0 {
+			adopt = func() error { return m.ReplaceInit(a.Replace, hr.Result.PID) }
+		}
+		if err := adopt(); err != nil {
 			return container.Response{Error: err.Error()}
 		}
 		data, _ := json.Marshal(hr.Result)

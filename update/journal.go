@@ -23,6 +23,9 @@ const (
 	phaseDumped   = "dumped"   // images complete, processes gone, old root still mounted
 	phaseSwapped  = "swapped"  // new root mounted, state points at the new generation
 	phaseRestored = "restored" // processes running on the new root; packets still held
+	// phaseCommitting (post-copy only): every page was pulled, CRIU is told to end the dump and
+	// kill the originals; from here on the update is finished forward, never rolled back.
+	phaseCommitting = "committing"
 )
 
 // journal is the on-disk record of an update in progress.
@@ -38,6 +41,15 @@ type journal struct {
 	ImageID    digest.Digest `json:"imageId"`
 	ImagesDir  string        `json:"imagesDir"`
 	Started    time.Time     `json:"started"`
+	// Lazy marks a post-copy update: the original processes stay frozen under CRIU (which
+	// serves their pages) until phaseCommitting, and are what a rollback resumes.
+	Lazy     bool `json:"lazy,omitempty"`
+	OrigInit int  `json:"origInit,omitempty"` // the original init (post-copy)
+	// Originals are the original processes (post-copy), held by CRIU: a recovery discards
+	// every other process of the cgroup (the copy) and resumes these.
+	Originals []int `json:"originals,omitempty"`
+	// Stashed are copies moved out of the old upper (stashCopies), under GenDir/stashed.
+	Stashed []string `json:"stashed,omitempty"`
 }
 
 func journalPath(containerDir string) string { return filepath.Join(containerDir, JournalFile) }

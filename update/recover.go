@@ -7,11 +7,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hotctl/hot/cgroups"
+	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/cowfs"
 	"github.com/hotctl/hot/criubin"
@@ -84,6 +87,9 @@ func recoverLocked(ctx context.Context, mgr *container.Manager, store *cowfs.Sto
 	// A CRIU started by the dead hot may still be finishing (it dumps, then kills the tasks,
 	// or gives up and releases them): wait until nobody holds the images directory.
 	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
+	if j.Lazy && j.Phase != phasePrepared {
+		return recoverPostCopy(ctx, mgr, store, st, j, log)
+	}
 	cg, err := cgroups.Load(st.Cgroup)
 	if err != nil {
 		return err
@@ -169,4 +175,109 @@ func imagesInUse(dir string) bool {
 		}
 	}
 	return false
+}
+
+// recoverPostCopy finishes a post-copy update whose hot died. Its page gate died with it, so
+// CRIU's transfer was reset: CRIU resumed the originals (their sockets still sidelined) and
+// the copy, if restored, lost its page source. Before phaseCommitting the originals are
+// what runs on: the copy goes quietly, the originals get their sockets and the old root
+// back. From phaseCommitting on every page was in the copy: it is the container.
+func recoverPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.Store, st *container.State, j *journal, log *slog.Logger) error {
+	cg, err := cgroups.Load(st.Cgroup)
+	if err != nil {
+		return err
+	}
+	origAlive := j.OrigInit > 0 && syscall.Kill(j.OrigInit, 0) == nil && !isZombie(j.OrigInit)
+	if j.Phase == phaseCommitting || !origAlive {
+		if j.Phase != phaseCommitting {
+			log.Error("post-copy update: the original processes are gone before the commit; keeping the copy", "container", st.Name)
+		}
+		return finishPostCopy(ctx, mgr, store, st, j)
+	}
+	if len(j.Originals) > 0 {
+		if st.Pid != 0 && st.Pid != j.OrigInit {
+			if _, err := mgr.CallMonitor(ctx, st.ID, container.Request{Op: container.OpReplaceInit, Old: st.Pid, Pid: j.OrigInit}); err != nil {
+				log.Warn("give the container back to its original init", "error", err)
+			}
+		}
+		if err := discardCopy(ctx, cg, j.Originals); err != nil {
+			return err
+		}
+	}
+	if _, err := sockets.UnsidelineAll(j.Originals); err != nil {
+		return err
+	}
+	for _, p := range j.Originals {
+		sockets.SetTCPRepair(p, false)
+	}
+	if frozen, _ := cg.Frozen(); frozen {
+		if err := cg.Thaw(ctx); err != nil {
+			return err
+		}
+	}
+	if st.Current != j.From {
+		old := generation(st, j.From)
+		if old == nil {
+			return fmt.Errorf("generation %d is missing from the state", j.From)
+		}
+		if err := cowfs.Unmount(st.Rootfs); err != nil {
+			return err
+		}
+		// The originals still use their own mount of this stack; this one is the host's view.
+		if err := cowfs.MountOverlay(st.Rootfs, old.LowerDirs, old.Upper, old.Work); err != nil {
+			return fmt.Errorf("mount generation %d: %w", j.From, err)
+		}
+		if len(j.Stashed) > 0 {
+			if err := unstashCopies(old.Upper, j.Stashed, filepath.Join(j.GenDir, "stashed")); err != nil {
+				return err
+			}
+			old.Published = j.Stashed
+		}
+		st.Generations = slices.DeleteFunc(st.Generations, func(g container.Generation) bool { return g.N == j.To })
+		st.Current = j.From
+	}
+	st.Status, st.Pid = container.StatusRunning, j.OrigInit
+	st.PidStart, _ = container.ProcStartTime(j.OrigInit)
+	if err := mgr.Save(st); err != nil {
+		return err
+	}
+	if st.Network.NetnsPath != "" {
+		if err := sockets.Cleanup(ctx, st.Network.NetnsPath); err != nil {
+			return err
+		}
+	}
+	os.RemoveAll(j.GenDir)
+	os.RemoveAll(j.ImagesDir)
+	os.Remove(filepath.Join(mgr.Dir(st.ID), checkpoint.RecordFile))
+	if !usesImage(st, j.ImageID) {
+		store.Release(ctx, j.ImageID, st.ID)
+	}
+	return removeJournal(mgr.Dir(st.ID))
+}
+
+// finishPostCopy commits a post-copy update whose copy has all its memory: the state
+// already points at the new generation and the copy's init (saved after the restore).
+func finishPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.Store, st *container.State, j *journal) error {
+	if st.Current != j.To || st.Pid == 0 || st.Pid == j.OrigInit {
+		return fmt.Errorf("the original processes are gone and no restored copy is recorded (phase %s): the container's processes are lost", j.Phase)
+	}
+	st.Status = container.StatusRunning
+	st.Image, st.ImageID = j.Image, j.ImageID
+	if err := mgr.Save(st); err != nil {
+		return err
+	}
+	if st.Network.NetnsPath != "" {
+		if err := sockets.Cleanup(ctx, st.Network.NetnsPath); err != nil {
+			return err
+		}
+	}
+	os.RemoveAll(j.ImagesDir)
+	os.RemoveAll(filepath.Join(j.GenDir, "stashed"))
+	os.Remove(filepath.Join(mgr.Dir(st.ID), checkpoint.RecordFile))
+	return removeJournal(mgr.Dir(st.ID))
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err != nil || zombie(b)
 }

@@ -2,6 +2,7 @@ package update
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -239,6 +240,33 @@ func redundantCopies(g *container.Generation) (map[string]bool, error) {
 }
 
 // dropCopies removes redundant copies from an upper directory that is not mounted.
+// stashCopies is dropCopies for a post-copy update, whose original processes still use upper
+// and may be resumed: the copies are moved to stash (a directory on the same file system),
+// and unstashCopies moves them back.
+func stashCopies(upper string, paths map[string]bool, stash string) error {
+	for p := range paths {
+		dst := hostPathIn(stash, p)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+			return fmt.Errorf("stash the image's copy of %s: %w", p, err)
+		}
+		if err := os.Rename(hostPathIn(upper, p), dst); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("stash the image's copy of %s from %s: %w", p, upper, err)
+		}
+	}
+	return nil
+}
+
+// unstashCopies moves the copies stashCopies moved back into upper.
+func unstashCopies(upper string, paths []string, stash string) error {
+	var errs []error
+	for _, p := range paths {
+		if err := os.Rename(hostPathIn(stash, p), hostPathIn(upper, p)); err != nil && !os.IsNotExist(err) {
+			errs = append(errs, fmt.Errorf("put the image's copy of %s back into %s: %w", p, upper, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func dropCopies(upper string, paths map[string]bool) error {
 	for p := range paths {
 		if err := os.Remove(hostPathIn(upper, p)); err != nil && !os.IsNotExist(err) {

@@ -42,10 +42,11 @@ type Options struct {
 	// NoHold uses CRIU's network lock (packets dropped, clients retransmit) instead of holding
 	// packets in an NFQUEUE.
 	NoHold bool
-	// Lazy restores memory on demand (CRIU lazy pages from the local images through
-	// userfaultfd): the processes run again before their memory is all in, so the pause no
-	// longer grows with the memory restored. The images, needed for a rollback, are kept
-	// until all memory is in; the update commits only then.
+	// Lazy is a post-copy update (see postcopy.go): CRIU dumps everything but the memory
+	// pages, the processes are restored onto the new root at once and pull their pages from
+	// the frozen originals through CRIU's page server, so neither the dump nor the restore
+	// copies memory inside the pause. The originals stay frozen, whole, until every page is
+	// in: a failure until then resumes them.
 	Lazy bool
 	// Failpoint is for tests: "kill:PHASE" SIGKILLs this process once PHASE is journaled,
 	// "restore" makes the restore onto the new root fail.
@@ -171,7 +172,11 @@ type updater struct {
 	chg   []Change
 
 	holdStart time.Time
+	stashed   []string // paths stashCopies moved out of the old upper (post-copy)
 }
+
+// stashDir is where a post-copy update keeps the copies it took out of the old upper.
+func (u *updater) stashDir() string { return filepath.Join(u.j.GenDir, "stashed") }
 
 func run(ctx context.Context, mgr *container.Manager, store *cowfs.Store, ref, op string, o Options, pick func(*container.State, *container.Generation) (*target, error)) (*Summary, error) {
 	if err := Recover(ctx, mgr, store, ref, o.CRIU, o.Logger); err != nil {
@@ -217,6 +222,9 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	}
 	span.End(nil, map[string]any{"generation": u.gen.N, "carried": u.sum.FilesCarried, "holding": u.sum.Holding})
 	u.failpoint(phasePrepared)
+	if u.o.Lazy {
+		return u.postCopy(ctx)
+	}
 
 	// ── freeze + dump (checkpoint freezes the cgroup itself once CRIU has started, and waits
 	// for FROZEN; packets are held from right before the freeze) ──
@@ -281,18 +289,6 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 		return u.rollback(ctx, err)
 	}
 	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
-	if u.o.Lazy {
-		// Clients go on while the rest of the memory comes in; the images stay until then.
-		u.releaseHold()
-		span = u.rec.Start("memory-in")
-		mi, err := restore.WaitMemoryIn(ctx, u.j.ImagesDir, 10*time.Minute)
-		if err != nil {
-			span.End(err, nil)
-			return u.rollback(ctx, err)
-		}
-		u.sum.MemoryInMS = ms(mi)
-		span.End(nil, map[string]any{"memoryInMs": u.sum.MemoryInMS})
-	}
 
 	// ── commit ──
 	span = u.rec.Start("commit")
@@ -424,7 +420,12 @@ func (u *updater) swap(ctx context.Context) error {
 	}
 	if slices.Contains(u.gen.LowerDirs, u.cur.Upper) {
 		red, err := redundantCopies(u.cur)
-		if err == nil {
+		if err == nil && u.o.Lazy {
+			// The originals may still be resumed on the old upper: keep the copies aside.
+			u.stashed = slices.Clone(u.cur.Published)
+			u.j.Stashed = u.stashed
+			err = stashCopies(u.cur.Upper, red, u.stashDir())
+		} else if err == nil {
 			err = dropCopies(u.cur.Upper, red)
 		}
 		if err != nil {
@@ -451,7 +452,7 @@ func (u *updater) restore(ctx context.Context) (*restore.Result, error) {
 	if u.o.Failpoint == "restore" {
 		return nil, errors.New("injected restore failure (failpoint)")
 	}
-	r, err := restore.ContainerLocked(ctx, u.mgr, u.st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: u.o.Lazy, ReturnWhenRunning: u.o.Lazy, Logger: u.log})
+	r, err := restore.ContainerLocked(ctx, u.mgr, u.st, restore.ContainerOptions{CRIU: u.o.CRIU, Logger: u.log})
 	if err != nil {
 		return nil, err
 	}
@@ -504,6 +505,7 @@ func (u *updater) commit(ctx context.Context) {
 		u.log.Error("commit", "error", err)
 	}
 	os.RemoveAll(u.j.ImagesDir)
+	os.RemoveAll(u.stashDir())
 	os.Remove(filepath.Join(u.mgr.Dir(st.ID), checkpoint.RecordFile))
 	if st.Network.NetnsPath != "" {
 		if n, err := sockets.CountEstablished(ctx, st.Network.NetnsPath); err == nil {

@@ -44,7 +44,7 @@ func (f *updateFlags) register(cmd *cobra.Command) {
 	fl.DurationVar(&f.healthTimeout, "health-timeout", 10*time.Second, "how long the health probe may fail before the update rolls back")
 	fl.BoolVar(&f.discardChanges, "discard-changes", false, "start from the pristine image instead of carrying the files the container wrote (memory is kept)")
 	fl.BoolVar(&f.noHold, "no-hold", false, "drop client packets during the pause (CRIU's network lock) instead of holding them")
-	fl.BoolVar(&f.lazy, "lazy", false, "restore memory on demand (CRIU lazy pages): the processes run before all memory is in, so the pause does not grow with memory; the update commits once all is in")
+	fl.BoolVar(&f.lazy, "lazy", false, "post-copy: dump without copying memory and restore at once, the processes pull their pages from the frozen originals afterwards, so the pause hardly grows with memory; the originals stay until every page is in (a failure until then resumes them), then the update commits")
 	fl.BoolVar(&f.asJSON, "json", false, "print events as JSON lines and the summary as JSON")
 }
 

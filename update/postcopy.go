@@ -1,0 +1,350 @@
+package update
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/hotctl/hot/cgroups"
+	"github.com/hotctl/hot/checkpoint"
+	"github.com/hotctl/hot/container"
+	"github.com/hotctl/hot/cowfs"
+	"github.com/hotctl/hot/restore"
+	"github.com/hotctl/hot/sockets"
+	"golang.org/x/sys/unix"
+)
+
+// Post-copy update (Options.Lazy). The memory never goes through image files:
+//
+//	freeze → CRIU lazy dump: every image but the pages; the pages stay in CRIU's page pipes
+//	(vmspliced, not copied) and the original processes stay frozen under CRIU, whole
+//	→ sideline the originals' sockets (sockets.Sideline) so their copy can take the same
+//	addresses in the same network namespace → swap the root → restore the copy onto the new
+//	root; its `criu lazy-pages` pulls the pages from the page server through a PageGate
+//	→ verify → release the clients → all pages in → Commit the gate: CRIU ends the dump and
+//	the originals go.
+//
+// Until the commit the originals are intact: any failure drops the copy quietly, aborts the
+// transfer (CRIU then resumes the originals), unsidelines their sockets and moves the old
+// root mount back. The pause no longer grows with memory except for CRIU's vmsplice of the
+// pages (a page-table walk, no copy).
+
+// postCopy is run's tail for Options.Lazy, from the dump on.
+func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
+	st := u.st
+	op := u.j.Op
+	undo, note, err := checkpoint.RaisePipeMaxSize()
+	if err != nil {
+		u.releaseHold()
+		u.discardGeneration(ctx)
+		return nil, fmt.Errorf("%s %s: %w", op, st.Name, err)
+	}
+	defer undo()
+	if note != "" {
+		u.log.Info(note)
+	}
+	addr, err := checkpoint.FreePort("127.0.0.1")
+	if err != nil {
+		u.releaseHold()
+		u.discardGeneration(ctx)
+		return nil, err
+	}
+	u.j.Lazy, u.j.OrigInit = true, st.Pid
+	if err := u.journal(phaseDumping); err != nil {
+		u.releaseHold()
+		u.discardGeneration(ctx)
+		return nil, err
+	}
+	u.failpoint(phaseDumping)
+
+	span := u.rec.Start("dump")
+	d := checkpoint.StartLazyDump(ctx, u.mgr, st, checkpoint.ContainerOptions{
+		CRIU: u.o.CRIU, ImagesDir: u.j.ImagesDir, NetworkLock: u.networkLock(), PageServer: addr,
+		BeforeFreeze: u.startHold, Logger: u.log,
+	})
+	if err := d.WaitServing(ctx, 2*time.Minute); err != nil {
+		if _, derr := d.Abort(); derr == nil {
+			u.log.Error("lazy dump completed after its page server was abandoned", "container", st.Name)
+		}
+		span.End(err, nil)
+		u.releaseHold()
+		u.discardGeneration(ctx)
+		return nil, fmt.Errorf("%s %s: dump failed, container still running the old generation: %w", op, st.Name, err)
+	}
+	u.sum.DumpMS = ms(time.Since(u.holdStart))
+	pc := &postCopyRun{u: u, dump: d}
+	// Only the originals are in the cgroup now, all held by CRIU.
+	if pc.originals, err = u.cg.Procs(); err != nil {
+		return pc.rollback(ctx, fmt.Errorf("list the frozen processes: %w", err))
+	}
+	u.j.Originals = pc.originals
+	if err := u.journal(phaseDumping); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	if pc.socks, err = sockets.Sideline(pc.originals); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	// CRIU keeps the freezer frozen while it serves the pages; the copy is restored into the
+	// same cgroup and must not start frozen. The originals stay stopped: CRIU holds them
+	// (ptrace), thawed or not.
+	if err := u.cg.Thaw(ctx); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	span.End(nil, map[string]any{"pageServer": addr, "sidelinedSockets": len(pc.socks), "untilServingMs": u.sum.DumpMS})
+	if err := u.save(phaseDumped); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	u.failpoint(phaseDumped)
+
+	span = u.rec.Start("swap")
+	// A detached copy of the old root mount: a rollback moves it back, so the host sees the
+	// same overlay the originals still use (a second mount of the same upper would not be safe).
+	oldRoot, err := unix.OpenTree(unix.AT_FDCWD, st.Rootfs, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if err != nil {
+		span.End(err, nil)
+		return pc.rollback(ctx, fmt.Errorf("keep the old root mount %s: %w", st.Rootfs, err))
+	}
+	pc.oldRoot = oldRoot
+	defer func() {
+		if pc.oldRoot >= 0 {
+			unix.Close(pc.oldRoot)
+		}
+	}()
+	if err := u.swap(ctx); err != nil {
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	span.End(nil, map[string]any{"generation": u.gen.N})
+	u.failpoint(phaseSwapped)
+
+	span = u.rec.Start("restore")
+	if pc.gate, err = checkpoint.NewPageGate(addr); err != nil {
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	var rres *restore.Result
+	if u.o.Failpoint == "restore" {
+		err = errors.New("injected restore failure (failpoint)")
+	} else {
+		var r *restore.ContainerResult
+		r, err = restore.ContainerLocked(ctx, u.mgr, st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
+			PageServer: pc.gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+		if r != nil {
+			rres = &r.Result
+		}
+	}
+	if err != nil {
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	u.sum.RestoreMS = ms(rres.Running)
+	u.sum.FreezeWindowMS = ms(time.Since(u.holdStart))
+	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS})
+	if err := publishNew(u.chg, st.Rootfs); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	if err := u.save(phaseRestored); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	u.failpoint(phaseRestored)
+
+	span = u.rec.Start("verify")
+	if err := u.verify(ctx); err != nil {
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
+	// Clients go on while the rest of the memory comes in; the originals stay until it is.
+	u.releaseHold()
+
+	span = u.rec.Start("memory-in")
+	restoreStart := time.Now().Add(-rres.Running)
+	select {
+	case <-pc.gate.AllIn():
+	case <-ctx.Done():
+		span.End(ctx.Err(), nil)
+		return pc.rollback(ctx, ctx.Err())
+	case <-time.After(10 * time.Minute):
+		err := errors.New("the restored processes did not pull all their memory within 10 minutes")
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	u.sum.MemoryInMS = ms(time.Since(restoreStart))
+	if err := syscall.Kill(st.Pid, 0); err != nil {
+		err = fmt.Errorf("container init (pid %d) died while its memory came in: %w", st.Pid, err)
+		span.End(err, nil)
+		return pc.rollback(ctx, err)
+	}
+	// The point of no return: CRIU ends the dump, the originals go.
+	if err := u.journal(phaseCommitting); err != nil {
+		return pc.rollback(ctx, err)
+	}
+	u.failpoint(phaseCommitting)
+	if err := pc.gate.Commit(time.Minute); err != nil {
+		u.log.Warn("close the page transfer", "error", err)
+	}
+	if _, err := d.Wait(time.Minute); err != nil {
+		u.log.Warn("lazy dump reported a failure after every page was pulled", "error", err)
+	}
+	if _, err := restore.WaitMemoryIn(ctx, u.j.ImagesDir, time.Minute); err != nil {
+		u.log.Warn("lazy restore", "error", err)
+	}
+	span.End(nil, map[string]any{"memoryInMs": u.sum.MemoryInMS})
+
+	span = u.rec.Start("commit")
+	u.commit(ctx)
+	span.End(nil, map[string]any{"clientPauseMs": u.sum.ClientPauseMS, "heldPackets": u.sum.HeldPackets, "tcpAfter": u.sum.TCPAfter})
+	u.sum.Outcome = "updated"
+	return &u.sum, nil
+}
+
+// postCopyRun is what a post-copy update holds until it commits.
+type postCopyRun struct {
+	u         *updater
+	dump      *checkpoint.LazyDump
+	gate      *checkpoint.PageGate
+	originals []int
+	socks     []sockets.SidelinedSocket
+	oldRoot   int
+}
+
+// rollback brings the originals back: the copy (if any) goes quietly, the transfer is
+// aborted so CRIU resumes the originals, their sockets are unsidelined, the old root mount
+// is moved back and the state points at the old generation again.
+func (pc *postCopyRun) rollback(ctx context.Context, cause error) (*Summary, error) {
+	u := pc.u
+	st := u.st
+	span := u.rec.Start("rollback")
+	ctx = context.WithoutCancel(ctx)
+	err := pc.backToOriginals(ctx)
+	u.releaseHold()
+	u.sum.Outcome, u.sum.Reason = "rolled-back", cause.Error()
+	if err != nil {
+		span.End(err, nil)
+		return &u.sum, fmt.Errorf("%s %s failed (%v) and the rollback failed too: %w", u.j.Op, st.Name, cause, err)
+	}
+	span.End(nil, map[string]any{"generation": u.j.From})
+	return &u.sum, fmt.Errorf("%s %s rolled back, the original processes run on generation %d as before: %w", u.j.Op, st.Name, u.j.From, cause)
+}
+
+func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
+	u := pc.u
+	st := u.st
+	var errs []error
+	// First the transfer: CRIU fails it and resumes the originals (a copy that ended first
+	// would end the transfer cleanly, and CRIU would kill them).
+	if pc.gate != nil {
+		pc.gate.Abort()
+	}
+	if _, err := pc.dump.Abort(); err == nil {
+		return errors.New("CRIU completed the dump although the transfer was aborted: the original processes are gone")
+	}
+	if st.Pid != 0 && st.Pid != u.j.OrigInit {
+		// The copy's init hands the container back to the original one, then the copy goes.
+		if _, err := u.mgr.CallMonitor(ctx, st.ID, container.Request{Op: container.OpReplaceInit, Old: st.Pid, Pid: u.j.OrigInit}); err != nil {
+			errs = append(errs, fmt.Errorf("give the container back to init %d: %w", u.j.OrigInit, err))
+		}
+	}
+	if err := discardCopy(ctx, u.cg, pc.originals); err != nil {
+		errs = append(errs, err)
+	}
+	// CRIU resumed the originals (and took their connections out of repair mode).
+	if err := sockets.Unsideline(pc.socks); err != nil {
+		errs = append(errs, err)
+	}
+	if frozen, _ := u.cg.Frozen(); frozen {
+		if err := u.cg.Thaw(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if st.Current != u.j.From {
+		if err := cowfs.Unmount(st.Rootfs); err != nil {
+			errs = append(errs, err)
+		} else if pc.oldRoot >= 0 {
+			if err := unix.MoveMount(pc.oldRoot, "", unix.AT_FDCWD, st.Rootfs, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+				errs = append(errs, fmt.Errorf("move the old root mount back to %s: %w", st.Rootfs, err))
+			} else {
+				unix.Close(pc.oldRoot)
+				pc.oldRoot = -1
+			}
+		}
+		st.Generations = slices.DeleteFunc(st.Generations, func(g container.Generation) bool { return g.N == u.j.To })
+		st.Current = u.j.From
+		if old := generation(st, u.j.From); old != nil && len(u.stashed) > 0 {
+			if err := unstashCopies(old.Upper, u.stashed, u.stashDir()); err != nil {
+				errs = append(errs, err)
+			}
+			old.Published = u.stashed
+		}
+	}
+	st.Status, st.Pid = container.StatusRunning, u.j.OrigInit
+	st.PidStart, _ = container.ProcStartTime(st.Pid)
+	if err := u.mgr.Save(st); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	os.RemoveAll(u.j.GenDir)
+	os.RemoveAll(u.j.ImagesDir)
+	os.Remove(filepath.Join(u.mgr.Dir(st.ID), checkpoint.RecordFile))
+	if !usesImage(st, u.j.ImageID) {
+		u.store.Release(ctx, u.j.ImageID, st.ID)
+	}
+	return removeJournal(u.mgr.Dir(st.ID))
+}
+
+// discardCopy kills every process of the container's cgroup that is not one of the
+// originals (the restored copy, its restore helper and lazy-pages daemon) without their TCP
+// peers noticing: frozen, sockets in repair mode, SIGKILL, thawed.
+func discardCopy(ctx context.Context, cg *cgroups.Cgroup, originals []int) error {
+	pids, err := cg.Procs()
+	if err != nil {
+		return err
+	}
+	var copyPids []int
+	for _, p := range pids {
+		if !slices.Contains(originals, p) {
+			copyPids = append(copyPids, p)
+		}
+	}
+	if len(copyPids) == 0 {
+		return nil
+	}
+	if err := cg.Freeze(ctx); err != nil {
+		return err
+	}
+	var errs []error
+	for _, p := range copyPids {
+		if _, err := sockets.SetTCPRepair(p, true); err != nil {
+			errs = append(errs, err)
+		}
+		if p > 0 {
+			syscall.Kill(p, syscall.SIGKILL)
+		}
+	}
+	if err := cg.Thaw(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	// Wait until they are gone (reaped by the monitor), so their addresses are free for the
+	// originals and no zombie is left in the cgroup.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, p := range copyPids {
+		for syscall.Kill(p, 0) == nil && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// zombie reports whether a /proc/PID/stat line is a zombie's.
+func zombie(stat []byte) bool {
+	i := bytes.LastIndexByte(stat, ')') // the command may hold ')'
+	return i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z'
+}
