@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hotctl/hot/container"
@@ -93,6 +94,26 @@ func StartLazyDump(ctx context.Context, mgr *container.Manager, st *container.St
 	return d
 }
 
+// WaitImages waits until CRIU wrote every image but the pages (its post-dump notification);
+// its page server starts listening a moment later: a client must retry a refused connection
+// briefly (PageGate does). It returns the dump's error if the dump ended instead.
+func (d *LazyDump) WaitImages(ctx context.Context, timeout time.Duration) error {
+	select {
+	case <-d.dumped:
+		return nil
+	case r := <-d.done:
+		d.res = &r
+		if r.err != nil {
+			return r.err
+		}
+		return errors.New("the lazy dump ended before its page server started")
+	case <-time.After(timeout):
+		return fmt.Errorf("CRIU's lazy dump did not finish writing its images within %v", timeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // WaitServing waits until the page server listens (CRIU wrote every image but the pages),
 // or the dump ended (an error, or a dump that did not start a page server).
 func (d *LazyDump) WaitServing(ctx context.Context, timeout time.Duration) error {
@@ -159,11 +180,26 @@ func (d *LazyDump) Wait(timeout time.Duration) (*ContainerResult, error) {
 // processes (as any failed dump does). It returns Wait's result: an error when the processes
 // were resumed, nil when CRIU had completed (every page had been pulled: they are gone).
 func (d *LazyDump) Abort() (*ContainerResult, error) {
-	if d.res == nil {
-		if c, err := net.DialTimeout("tcp", d.Addr, 2*time.Second); err == nil {
-			c.Write([]byte(strings.Repeat("\xff", 64)))
-			c.Close()
+	// The page server may not listen yet, or have ended already (a transfer another side
+	// failed): retry a refused connection until the dump ends or a few seconds passed.
+	deadline := time.Now().Add(5 * time.Second)
+	for d.res == nil && time.Now().Before(deadline) {
+		select {
+		case r := <-d.done:
+			d.res = &r
+			continue
+		default:
 		}
+		c, err := net.DialTimeout("tcp", d.Addr, time.Second)
+		if err == nil {
+			c.Write(invalidRequest)
+			c.Close()
+			break
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			break
+		}
+		time.Sleep(time.Millisecond)
 	}
 	return d.Wait(30 * time.Second)
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -82,7 +83,7 @@ func (g *PageGate) Abort() {
 	g.mu.Unlock()
 	if up == nil {
 		// Nobody connected (yet): tell CRIU directly.
-		if c, err := net.DialTimeout("tcp", g.upstream, pageGateDialWait); err == nil {
+		if c, err := dialPageServer(g.upstream, pageGateDialWait); err == nil {
 			up = c
 		}
 	}
@@ -117,7 +118,7 @@ func (g *PageGate) serve() error {
 	}
 	g.track(down, nil)
 	defer down.Close()
-	up, err := net.DialTimeout("tcp", g.upstream, pageGateDialWait)
+	up, err := dialPageServer(g.upstream, pageGateDialWait)
 	if err != nil {
 		return fmt.Errorf("page gate: connect to the page server %s: %w", g.upstream, err)
 	}
@@ -166,5 +167,18 @@ func (g *PageGate) serve() error {
 		if _, err := up.Write(buf); err != nil {
 			return fmt.Errorf("page gate: forward request: %w", err)
 		}
+	}
+}
+
+// dialPageServer connects to a page server that may be a moment from listening (see
+// LazyDump.WaitImages): a refused connection is retried until wait has passed.
+func dialPageServer(addr string, wait time.Duration) (net.Conn, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		c, err := net.DialTimeout("tcp", addr, wait)
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+			return c, err
+		}
+		time.Sleep(200 * time.Microsecond)
 	}
 }

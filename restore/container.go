@@ -1,6 +1,7 @@
 package restore
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/hotctl/hot/cgroups"
@@ -28,22 +31,28 @@ const HelperCommand = "__restore"
 
 // helperArgs is what the monitor op passes to the helper (JSON on its stdin).
 type helperArgs struct {
-	CRIU       criubin.Binary            `json:"criu"`
-	ImagesDir  string                    `json:"imagesDir"`
-	Root       string                    `json:"root"`
-	NetnsPath  string                    `json:"netnsPath,omitempty"`
-	NetnsKey   string                    `json:"netnsKey,omitempty"`
-	Lazy       bool                      `json:"lazy,omitempty"`
-	Cgroup     string                    `json:"cgroup,omitempty"`
-	Failpoint  string                    `json:"failpoint,omitempty"`
-	PageServer string                    `json:"pageServer,omitempty"`
-	Early      bool                      `json:"early,omitempty"`
-	Replace    int                       `json:"replace,omitempty"`
-	Externals  []checkpoint.ExternalFile `json:"externals,omitempty"`
+	CRIU       criubin.Binary `json:"criu"`
+	ImagesDir  string         `json:"imagesDir"`
+	Root       string         `json:"root"`
+	NetnsPath  string         `json:"netnsPath,omitempty"`
+	NetnsKey   string         `json:"netnsKey,omitempty"`
+	Lazy       bool           `json:"lazy,omitempty"`
+	Cgroup     string         `json:"cgroup,omitempty"`
+	Failpoint  string         `json:"failpoint,omitempty"`
+	PageServer string         `json:"pageServer,omitempty"`
+	Early      bool           `json:"early,omitempty"`
+	Replace    int            `json:"replace,omitempty"`
+	// Staged: the helper starts CRIU and answers {"ready":true}, then waits for the lines
+	// "images" (start the lazy-pages daemon) and "go" (join the cgroup, restore) on stdin.
+	Staged bool `json:"staged,omitempty"`
+	// Step is the monitor op's step for a staged restore: stage, images, go or cancel.
+	Step      string                    `json:"step,omitempty"`
+	Externals []checkpoint.ExternalFile `json:"externals,omitempty"`
 }
 
 // helperResult is what the helper writes to fd 3.
 type helperResult struct {
+	Ready  bool    `json:"ready,omitempty"` // a staged helper is waiting for "go"
 	Result *Result `json:"result,omitempty"`
 	Error  string  `json:"error,omitempty"`
 }
@@ -197,117 +206,313 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 		if c.Network.NetnsPath != "" && rec.NetnsKey != "" {
 			args.NetnsPath, args.NetnsKey = c.Network.NetnsPath, rec.NetnsKey
 		}
-		raw, err := json.Marshal(args)
+		r, err := callRestoreOp(ctx, mgr, c.ID, c.Name, args)
 		if err != nil {
 			return err
 		}
-		resp, err := mgr.CallMonitor(ctx, c.ID, container.Request{Op: MonitorOp, Args: raw})
-		if err != nil {
-			return fmt.Errorf("restore %s: %w", c.Name, err)
+		if err := adoptResult(ctx, st, c.Name, rec, r, o.Logger); err != nil {
+			return err
 		}
-		var r Result
-		if err := json.Unmarshal(resp.Data, &r); err != nil {
-			return fmt.Errorf("restore %s: read monitor answer: %w", c.Name, err)
-		}
-		start, err := container.ProcStartTime(r.PID)
-		if err != nil {
-			return fmt.Errorf("restore %s: restored init %d: %w", c.Name, r.PID, err)
-		}
-		st.Status, st.Pid, st.PidStart = container.StatusRunning, r.PID, start
-		if rec.DefaultDir {
-			if r.MemoryPending {
-				if _, err := WaitMemoryIn(ctx, rec.ImagesDir, 10*time.Minute); err != nil {
-					return fmt.Errorf("restore %s: %w", c.Name, err)
-				}
-			}
-			// The images held the container's memory (on tmpfs): free it.
-			if err := os.RemoveAll(rec.ImagesDir); err != nil && o.Logger != nil {
-				o.Logger.Warn("remove checkpoint images", "dir", rec.ImagesDir, "error", err)
-			}
-		}
-		res, restored = &ContainerResult{ID: c.ID, Name: c.Name, Result: r}, true
+		res, restored = &ContainerResult{ID: c.ID, Name: c.Name, Result: *r}, true
 		return nil
 	}()
 	return res, err
 }
 
+// callRestoreOp sends args to the container's monitor and returns the restore's result.
+func callRestoreOp(ctx context.Context, mgr *container.Manager, id, name string, args helperArgs) (*Result, error) {
+	raw, err := json.Marshal(args)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := mgr.CallMonitor(ctx, id, container.Request{Op: MonitorOp, Args: raw})
+	if err != nil {
+		return nil, fmt.Errorf("restore %s: %w", name, err)
+	}
+	if args.Step == stepStage || args.Step == stepImages || args.Step == stepCancel {
+		return nil, nil
+	}
+	var r Result
+	if err := json.Unmarshal(resp.Data, &r); err != nil {
+		return nil, fmt.Errorf("restore %s: read monitor answer: %w", name, err)
+	}
+	return &r, nil
+}
+
+// adoptResult records a finished restore in st (and frees default-dir images once all memory
+// is in).
+func adoptResult(ctx context.Context, st *container.State, name string, rec *checkpoint.Record, r *Result, log *slog.Logger) error {
+	start, err := container.ProcStartTime(r.PID)
+	if err != nil {
+		return fmt.Errorf("restore %s: restored init %d: %w", name, r.PID, err)
+	}
+	st.Status, st.Pid, st.PidStart = container.StatusRunning, r.PID, start
+	if rec.DefaultDir {
+		if r.MemoryPending {
+			if _, err := WaitMemoryIn(ctx, rec.ImagesDir, 10*time.Minute); err != nil {
+				return fmt.Errorf("restore %s: %w", name, err)
+			}
+		}
+		// The images held the container's memory (on tmpfs): free it.
+		if err := os.RemoveAll(rec.ImagesDir); err != nil && log != nil {
+			log.Warn("remove checkpoint images", "dir", rec.ImagesDir, "error", err)
+		}
+	}
+	return nil
+}
+
+// Steps of a staged restore (helperArgs.Step).
+const (
+	stepStage  = "stage"
+	stepImages = "images"
+	stepGo     = "go"
+	stepCancel = "cancel"
+)
+
+// StagedContainer is a restore of a copy of a running container's tree (ContainerOptions
+// .Replace) whose helper and CRIU were started before the dump ended, so that the restore
+// starts at once when told to (a post-copy update stages it as the dump begins).
+type StagedContainer struct {
+	mgr  *container.Manager
+	id   string
+	name string
+	args helperArgs
+	rec  *checkpoint.Record
+	o    ContainerOptions
+	done bool
+}
+
+// StageLocked starts the restore helper of the container st (a copy of its state is fine:
+// only its identity, root, cgroup and network are read) for a restore with o, which must
+// set Replace. The checkpoint record must exist (checkpoint writes it before CRIU starts);
+// the images need not. Cancel it unless Go is called.
+func StageLocked(ctx context.Context, mgr *container.Manager, st container.State, o ContainerOptions) (*StagedContainer, error) {
+	if o.Replace == 0 {
+		return nil, errors.New("restore: a staged restore replaces a running init (ContainerOptions.Replace)")
+	}
+	rec, err := checkpoint.LoadRecord(mgr.Dir(st.ID))
+	if err != nil {
+		return nil, fmt.Errorf("restore %s: no checkpoint record: %w", st.Name, err)
+	}
+	args := helperArgs{CRIU: o.CRIU, ImagesDir: rec.ImagesDir, Root: st.Rootfs, Lazy: o.Lazy, Externals: rec.Externals,
+		Cgroup: st.Cgroup, Failpoint: o.Failpoint, PageServer: o.PageServer, Early: o.Lazy && o.ReturnWhenRunning,
+		Replace: o.Replace, Staged: true, Step: stepStage}
+	if st.Network.NetnsPath != "" && rec.NetnsKey != "" {
+		args.NetnsPath, args.NetnsKey = st.Network.NetnsPath, rec.NetnsKey
+	}
+	if _, err := callRestoreOp(ctx, mgr, st.ID, st.Name, args); err != nil {
+		return nil, err
+	}
+	return &StagedContainer{mgr: mgr, id: st.ID, name: st.Name, args: args, rec: rec, o: o}, nil
+}
+
+// ImagesReady tells the helper the images are written: it starts the lazy-pages daemon.
+func (s *StagedContainer) ImagesReady(ctx context.Context) error {
+	a := s.args
+	a.Step = stepImages
+	_, err := callRestoreOp(ctx, s.mgr, s.id, s.name, a)
+	return err
+}
+
+// Go restores, with st the caller's (locked) state of the container, which records the
+// restored init.
+func (s *StagedContainer) Go(ctx context.Context, st *container.State) (*ContainerResult, error) {
+	s.done = true
+	a := s.args
+	a.Step = stepGo
+	os.Remove(filepath.Join(s.rec.ImagesDir, MemoryInFile))
+	r, err := callRestoreOp(ctx, s.mgr, s.id, s.name, a)
+	if err != nil {
+		return nil, err
+	}
+	if err := adoptResult(ctx, st, s.name, s.rec, r, s.o.Logger); err != nil {
+		return nil, err
+	}
+	return &ContainerResult{ID: s.id, Name: s.name, Result: *r}, nil
+}
+
+// Cancel ends a staged restore that will not run (nothing was restored).
+func (s *StagedContainer) Cancel(ctx context.Context) {
+	if s.done {
+		return
+	}
+	s.done = true
+	a := s.args
+	a.Step = stepCancel
+	callRestoreOp(ctx, s.mgr, s.id, s.name, a)
+}
+
 // NewMonitorOp returns the monitor operation MonitorOp: it runs `hot __restore` as the
 // monitor's child (the monitor reaps every child itself, so CRIU cannot run inside the
 // monitor process), reads its result and adopts the restored init. The restored tree is the
-// helper's child until the helper exits, then falls to the monitor, its subreaper.
+// helper's child until the helper exits, then falls to the monitor, its subreaper. A staged
+// restore (helperArgs.Staged) takes several calls: stage, images, go (or cancel).
 func NewMonitorOp() container.OpFunc {
-	return func(ctx context.Context, m *container.Monitor, req container.Request) container.Response {
-		var a helperArgs
-		if err := json.Unmarshal(req.Args, &a); err != nil {
-			return container.Response{Error: fmt.Sprintf("restore: bad arguments: %v", err)}
-		}
-		if st := m.Status(); st.Running && (a.Replace == 0 || st.Pid != a.Replace) {
-			return container.Response{Error: fmt.Sprintf("container is running (pid %d): refusing to restore over it", st.Pid)}
-		}
-		argsR, argsW, err := os.Pipe()
-		if err != nil {
-			return container.Response{Error: err.Error()}
-		}
-		resR, resW, err := os.Pipe()
-		if err != nil {
-			argsR.Close()
-			argsW.Close()
-			return container.Response{Error: err.Error()}
-		}
-		// The container's stdout/stderr: a new pipe into the log, handed to CRIU for the old one.
-		output, err := m.NewOutputPipe()
-		if err != nil {
-			argsR.Close()
-			argsW.Close()
-			resR.Close()
-			resW.Close()
-			return container.Response{Error: err.Error()}
-		}
-		_, exited, err := m.StartProcess("/proc/self/exe", []string{"hot", HelperCommand}, &os.ProcAttr{
-			Files: []*os.File{argsR, os.Stderr, os.Stderr, resW, output},
-		})
-		argsR.Close()
-		resW.Close()
-		output.Close()
-		if err != nil {
-			argsW.Close()
-			resR.Close()
-			return container.Response{Error: fmt.Sprintf("start restore helper: %v", err)}
-		}
-		argsW.Write(req.Args)
-		argsW.Close()
-		out, _ := io.ReadAll(resR)
-		resR.Close()
-		var hr helperResult
-		if err := json.Unmarshal(out, &hr); err != nil {
-			ex := <-exited
-			return container.Response{Error: fmt.Sprintf("restore helper exited with code %d without a result", ex.Code)}
-		}
-		if hr.Result == nil || !hr.Result.MemoryPending {
-			<-exited
-		} // else the helper stays until the memory is in (its exit is reaped by the monitor)
-		if hr.Error != "" {
-			return container.Response{Error: hr.Error}
-		}
-		adopt := func() error { return m.AdoptInit(hr.Result.PID) }
-		if a.Replace != 0 {
-			adopt = func() error { return m.ReplaceInit(a.Replace, hr.Result.PID) }
-		}
-		if err := adopt(); err != nil {
-			return container.Response{Error: err.Error()}
-		}
-		data, _ := json.Marshal(hr.Result)
-		s := m.Status()
-		return container.Response{Status: &s, Data: data}
-	}
+	op := &restoreOp{}
+	return op.handle
 }
 
-// HelperMain is `hot __restore`: it reads the restore arguments from stdin, restores, and
-// writes the result as JSON to fd 3. Fd 4 is the write end of the monitor's new output pipe.
+// restoreOp is the monitor's restore operation; it keeps a staged helper between calls.
+type restoreOp struct {
+	mu     sync.Mutex
+	staged *helperProc
+}
+
+// helperProc is a running restore helper.
+type helperProc struct {
+	args   helperArgs
+	in     *os.File      // its stdin
+	out    *bufio.Reader // its fd 3
+	outF   *os.File
+	exited <-chan container.ExitStatus
+}
+
+func fail(format string, a ...any) container.Response {
+	return container.Response{Error: fmt.Sprintf(format, a...)}
+}
+
+func (op *restoreOp) handle(ctx context.Context, m *container.Monitor, req container.Request) container.Response {
+	var a helperArgs
+	if err := json.Unmarshal(req.Args, &a); err != nil {
+		return fail("restore: bad arguments: %v", err)
+	}
+	op.mu.Lock()
+	defer op.mu.Unlock()
+	switch a.Step {
+	case stepImages, stepGo, stepCancel:
+		h := op.staged
+		if h == nil {
+			return fail("restore: no staged restore to %s", a.Step)
+		}
+		switch a.Step {
+		case stepImages:
+			if _, err := h.in.Write([]byte(stepImages + "\n")); err != nil {
+				return fail("restore: tell the staged helper: %v", err)
+			}
+			return container.Response{}
+		case stepCancel:
+			op.staged = nil
+			h.in.Close()
+			h.outF.Close()
+			select {
+			case <-h.exited:
+			case <-time.After(10 * time.Second):
+			}
+			return container.Response{}
+		}
+		op.staged = nil
+		if st := m.Status(); st.Running && (h.args.Replace == 0 || st.Pid != h.args.Replace) {
+			h.in.Close()
+			return fail("container is running (pid %d): refusing to restore over it", st.Pid)
+		}
+		h.in.Write([]byte(stepGo + "\n"))
+		h.in.Close()
+		return h.finish(m)
+	}
+	if op.staged != nil {
+		return fail("restore: a staged restore is pending")
+	}
+	if st := m.Status(); st.Running && (a.Replace == 0 || st.Pid != a.Replace) {
+		return fail("container is running (pid %d): refusing to restore over it", st.Pid)
+	}
+	h, err := startHelper(m, a)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if !a.Staged {
+		h.in.Close()
+		return h.finish(m)
+	}
+	line, err := h.out.ReadBytes('\n')
+	var hr helperResult
+	if err == nil {
+		err = json.Unmarshal(line, &hr)
+	}
+	if err != nil || !hr.Ready {
+		h.in.Close()
+		h.outF.Close()
+		ex := <-h.exited
+		if hr.Error != "" {
+			return fail("%s", hr.Error)
+		}
+		return fail("restore helper exited with code %d before it was ready", ex.Code)
+	}
+	op.staged = h
+	return container.Response{}
+}
+
+// startHelper starts `hot __restore` with a's arguments on its stdin (left open).
+func startHelper(m *container.Monitor, a helperArgs) (*helperProc, error) {
+	argsR, argsW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	resR, resW, err := os.Pipe()
+	if err != nil {
+		argsR.Close()
+		argsW.Close()
+		return nil, err
+	}
+	// The container's stdout/stderr: a new pipe into the log, handed to CRIU for the old one.
+	output, err := m.NewOutputPipe()
+	if err != nil {
+		argsR.Close()
+		argsW.Close()
+		resR.Close()
+		resW.Close()
+		return nil, err
+	}
+	_, exited, err := m.StartProcess("/proc/self/exe", []string{"hot", HelperCommand}, &os.ProcAttr{
+		Files: []*os.File{argsR, os.Stderr, os.Stderr, resW, output},
+	})
+	argsR.Close()
+	resW.Close()
+	output.Close()
+	if err != nil {
+		argsW.Close()
+		resR.Close()
+		return nil, fmt.Errorf("start restore helper: %w", err)
+	}
+	raw, _ := json.Marshal(a)
+	argsW.Write(append(raw, '\n'))
+	return &helperProc{args: a, in: argsW, out: bufio.NewReader(resR), outF: resR, exited: exited}, nil
+}
+
+// finish reads the helper's result and adopts the restored init.
+func (h *helperProc) finish(m *container.Monitor) container.Response {
+	out, _ := io.ReadAll(h.out)
+	h.outF.Close()
+	var hr helperResult
+	if err := json.Unmarshal(out, &hr); err != nil {
+		ex := <-h.exited
+		return fail("restore helper exited with code %d without a result", ex.Code)
+	}
+	if hr.Result == nil || !hr.Result.MemoryPending {
+		<-h.exited
+	} // else the helper stays until the memory is in (its exit is reaped by the monitor)
+	if hr.Error != "" {
+		return container.Response{Error: hr.Error}
+	}
+	adopt := func() error { return m.AdoptInit(hr.Result.PID) }
+	if h.args.Replace != 0 {
+		adopt = func() error { return m.ReplaceInit(h.args.Replace, hr.Result.PID) }
+	}
+	if err := adopt(); err != nil {
+		return container.Response{Error: err.Error()}
+	}
+	data, _ := json.Marshal(hr.Result)
+	st := m.Status()
+	return container.Response{Status: &st, Data: data}
+}
+
+// HelperMain is `hot __restore`: it reads the restore arguments (one JSON line) from stdin,
+// restores, and writes the result as JSON to fd 3. Fd 4 is the write end of the monitor's new
+// output pipe.
 //
 // With helperArgs.Early (a lazy restore that returns when running) the result goes to fd 3 as
 // soon as the tree runs, and fd 3 is closed; the helper stays until all memory is in and then
-// writes MemoryInFile into the images directory.
+// writes MemoryInFile into the images directory. With helperArgs.Staged it first starts CRIU,
+// answers {"ready":true} and waits for "images" and "go" lines.
 func HelperMain(ctx context.Context) error {
 	out := os.NewFile(3, "result")
 	if out == nil {
@@ -315,8 +520,13 @@ func HelperMain(ctx context.Context) error {
 	}
 	// CRIU and the lazy-pages daemon must not inherit it: the monitor reads to end of file.
 	unix.CloseOnExec(3)
+	in := bufio.NewReader(os.Stdin)
 	var a helperArgs
-	if err := json.NewDecoder(os.Stdin).Decode(&a); err != nil {
+	line, err := in.ReadBytes('\n')
+	if err == nil || (errors.Is(err, io.EOF) && len(line) > 0) {
+		err = json.Unmarshal(line, &a)
+	}
+	if err != nil {
 		err = fmt.Errorf("restore helper: read arguments: %w", err)
 		json.NewEncoder(out).Encode(helperResult{Error: err.Error()})
 		out.Close()
@@ -339,7 +549,7 @@ func HelperMain(ctx context.Context) error {
 	if a.Early && a.Lazy {
 		onRunning = func(r *Result) { send(r, nil) }
 	}
-	r, err := helperMain(ctx, a, onRunning)
+	r, err := helperMain(ctx, a, in, out, onRunning)
 	if onRunning != nil && sent {
 		m := memoryIn{}
 		if r != nil {
@@ -359,7 +569,7 @@ func HelperMain(ctx context.Context) error {
 	return err
 }
 
-func helperMain(ctx context.Context, a helperArgs, onRunning func(*Result)) (*Result, error) {
+func helperMain(ctx context.Context, a helperArgs, in *bufio.Reader, out *os.File, onRunning func(*Result)) (*Result, error) {
 	inherit := map[string]*os.File{}
 	output := os.NewFile(4, "output")
 	if output != nil {
@@ -381,14 +591,12 @@ func helperMain(ctx context.Context, a helperArgs, onRunning func(*Result)) (*Re
 		inherit[x.Key] = f
 	}
 	opts := Options{CRIU: a.CRIU, ImagesDir: a.ImagesDir, Root: a.Root, Lazy: a.Lazy, InheritFds: inherit, Failpoint: a.Failpoint, PageServer: a.PageServer, OnRunning: onRunning}
+	var cg *cgroups.Cgroup
 	if a.Cgroup != "" {
 		// CRIU and the tree it restores inherit the helper's cgroups: the container's.
-		cg, err := cgroups.Load(a.Cgroup)
-		if err != nil {
+		var err error
+		if cg, err = cgroups.Load(a.Cgroup); err != nil {
 			return nil, fmt.Errorf("restore: %w", err)
-		}
-		if err := cg.AddProc(os.Getpid()); err != nil {
-			return nil, fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
 		}
 		opts.CallerCgroups = true
 	}
@@ -397,5 +605,50 @@ func helperMain(ctx context.Context, a helperArgs, onRunning func(*Result)) (*Re
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	return Restore(ctx, opts)
+	if !a.Staged {
+		if cg != nil {
+			if err := cg.AddProc(os.Getpid()); err != nil {
+				return nil, fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
+			}
+		}
+		return Restore(ctx, opts)
+	}
+	// Staged: CRIU starts now, outside the container's cgroup (the dump is freezing it);
+	// both join it at "go", before the restore.
+	st, err := Stage(opts)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	criuPid := st.CRIUPid()
+	if err := json.NewEncoder(out).Encode(helperResult{Ready: true}); err != nil {
+		return nil, fmt.Errorf("restore helper: report ready: %w", err)
+	}
+	var lazyErr error
+	for {
+		line, err := in.ReadString('\n')
+		switch strings.TrimSpace(line) {
+		case stepImages:
+			lazyErr = st.StartLazy(ctx)
+			continue
+		case stepGo:
+		default:
+			return nil, fmt.Errorf("restore helper: cancelled (%v)", err)
+		}
+		break
+	}
+	if lazyErr != nil {
+		return nil, lazyErr
+	}
+	if cg != nil {
+		for _, p := range []int{os.Getpid(), criuPid} {
+			if p == 0 {
+				continue
+			}
+			if err := cg.AddProc(p); err != nil {
+				return nil, fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
+			}
+		}
+	}
+	return st.Run(ctx)
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	criu "github.com/checkpoint-restore/go-criu/v8"
@@ -78,30 +80,106 @@ type Stats struct {
 // Restore restores the tree in opts.ImagesDir. The images are left in place (a failed
 // restore can be retried; the caller removes them after success).
 func Restore(ctx context.Context, opts Options) (*Result, error) {
-	log := opts.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	// Before the clock starts: where /run is not a tmpfs CRIU keeps no kernel-feature cache
+	// itself, and both CRIU calls (restore, lazy-pages) would probe the kernel (~40 ms each).
+	// A failure is logged and only costs that time.
+	_ = opts.CRIU.EnsureKdatCache(ctx, opts.Logger)
+	t0 := time.Now()
+	s, err := Stage(opts)
+	if err != nil {
+		return nil, err
 	}
+	defer s.Close()
+	s.clockFrom = t0 // CRIU's start-up is part of this restore's time
+	return s.Run(ctx)
+}
+
+// Staged is a restore whose CRIU (swrk) already runs, waiting for the request: what can be
+// done before the images exist is done, so the restore itself starts at once (a post-copy
+// update stages its restore while the dump runs).
+type Staged struct {
+	opts  Options
+	c     *criu.Criu
+	files []*os.File
+	lazy  *lazyDaemon
+	log   *slog.Logger
+	// clockFrom is when the restore's time (Result.Running) starts; zero: when Run starts.
+	clockFrom time.Time
+}
+
+// Stage starts CRIU for a restore with opts; the images need not exist yet. Close it.
+func Stage(opts Options) (*Staged, error) {
+	s := &Staged{opts: opts, log: opts.Logger}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.c = criu.MakeCriu()
+	s.c.SetCriuPath(opts.CRIU.Path)
+	if opts.Netns != nil {
+		netns, err := os.Open(opts.Netns.Path)
+		if err != nil {
+			return nil, fmt.Errorf("restore: open network namespace %s: %w", opts.Netns.Path, err)
+		}
+		s.files = append(s.files, netns)
+		key := opts.Netns.Key
+		if key == "" {
+			key = checkpoint.DefaultNetnsKey
+		}
+		s.c.AddInheritFd(key, netns)
+	}
+	for k, f := range opts.InheritFds {
+		s.c.AddInheritFd(k, f)
+	}
+	if err := s.c.Prepare(); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("restore: start criu swrk: %w", err)
+	}
+	return s, nil
+}
+
+// CRIUPid is the pid of the staged CRIU (to move it into a cgroup before Run).
+func (s *Staged) CRIUPid() int {
+	for _, p := range childPids() {
+		return p
+	}
+	return 0
+}
+
+// StartLazy starts the lazy-pages daemon (Options.Lazy) once the images exist; Run does it
+// if it was not done before.
+func (s *Staged) StartLazy(ctx context.Context) error {
+	if !s.opts.Lazy || s.lazy != nil {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(s.opts.ImagesDir, "inventory.img")); err != nil {
+		return fmt.Errorf("restore: %s holds no checkpoint (no inventory.img): %w", s.opts.ImagesDir, err)
+	}
+	os.Remove(filepath.Join(s.opts.ImagesDir, LazyPagesLog))
+	_ = s.opts.CRIU.EnsureKdatCache(ctx, s.log)
+	d, err := startLazyPages(ctx, s.opts.CRIU, s.opts.ImagesDir, s.opts.PageServer)
+	if err != nil {
+		return err
+	}
+	s.lazy = d
+	return nil
+}
+
+// Run restores the tree.
+func (s *Staged) Run(ctx context.Context) (*Result, error) {
+	opts := s.opts
 	if _, err := os.Stat(filepath.Join(opts.ImagesDir, "inventory.img")); err != nil {
 		return nil, fmt.Errorf("restore: %s holds no checkpoint (no inventory.img): %w", opts.ImagesDir, err)
 	}
 	// A restore writes restore.log and stats-restore into the images directory; remove the
 	// leftovers of an earlier attempt so that a retry reports its own numbers.
-	for _, f := range []string{checkpoint.RestoreLog, crit.StatsRestore, LazyPagesLog} {
+	for _, f := range []string{checkpoint.RestoreLog, crit.StatsRestore} {
 		os.Remove(filepath.Join(opts.ImagesDir, f))
 	}
-	// Before the clock starts: where /run is not a tmpfs CRIU keeps no kernel-feature cache
-	// itself, and both CRIU calls (restore, lazy-pages) would probe the kernel (~40 ms each).
-	// A failure is logged and only costs that time.
-	_ = opts.CRIU.EnsureKdatCache(ctx, log)
 	dir, err := os.Open(opts.ImagesDir)
 	if err != nil {
 		return nil, fmt.Errorf("restore: open images dir: %w", err)
 	}
 	defer dir.Close()
-
-	c := criu.MakeCriu()
-	c.SetCriuPath(opts.CRIU.Path)
 	copts := &rpc.CriuOpts{
 		ImagesDirFd:    ptr(int32(dir.Fd())),
 		LogFile:        ptr(checkpoint.RestoreLog),
@@ -119,35 +197,17 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		copts.ManageCgroups = ptr(false)
 		copts.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	}
-	var netns *os.File
-	if opts.Netns != nil {
-		netns, err = os.Open(opts.Netns.Path)
-		if err != nil {
-			return nil, fmt.Errorf("restore: open network namespace %s: %w", opts.Netns.Path, err)
-		}
-		defer netns.Close()
-		key := opts.Netns.Key
-		if key == "" {
-			key = checkpoint.DefaultNetnsKey
-		}
-		c.AddInheritFd(key, netns)
-	}
-	for k, f := range opts.InheritFds {
-		c.AddInheritFd(k, f)
-	}
 
 	start := time.Now()
-	var lazy *lazyDaemon
-	if opts.Lazy {
-		lazy, err = startLazyPages(ctx, opts.CRIU, opts.ImagesDir, opts.PageServer)
-		if err != nil {
-			return nil, err
-		}
-		defer lazy.stop()
+	if !s.clockFrom.IsZero() {
+		start = s.clockFrom
+	}
+	if err := s.StartLazy(ctx); err != nil {
+		return nil, err
 	}
 	nfy := &restoreNotify{failpoint: opts.Failpoint}
 	logPath := filepath.Join(opts.ImagesDir, checkpoint.RestoreLog)
-	if err := c.Restore(copts, nfy); err != nil {
+	if err := s.c.Restore(copts, nfy); err != nil {
 		return nil, checkpoint.NewCRIUError("restore", logPath, err)
 	}
 	res := &Result{PID: int(nfy.pid), Running: time.Since(start), LogPath: logPath}
@@ -155,14 +215,14 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	if res.PID == 0 {
 		return res, fmt.Errorf("restore: CRIU did not report the restored PID (log: %s)", logPath)
 	}
-	if lazy != nil {
+	if s.lazy != nil {
 		if opts.OnRunning != nil {
 			early := *res
 			early.MemoryPending = true
 			opts.OnRunning(&early)
 		}
 		// The daemon exits once every page has been copied into the restored tree.
-		if err := lazy.wait(ctx); err != nil {
+		if err := s.lazy.wait(ctx); err != nil {
 			return res, checkpoint.NewCRIUError("lazy-pages", filepath.Join(opts.ImagesDir, LazyPagesLog), err)
 		}
 		res.MemoryIn = time.Since(start)
@@ -176,9 +236,40 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 			Restore:        time.Duration(st.GetRestoreTime()) * time.Microsecond,
 		}
 	} else {
-		log.Warn("read restore stats", "dir", opts.ImagesDir, "error", err)
+		s.log.Warn("read restore stats", "dir", opts.ImagesDir, "error", err)
 	}
 	return res, nil
+}
+
+// Close stops what Stage and Run started (the lazy-pages daemon if still running, CRIU).
+func (s *Staged) Close() {
+	if s.lazy != nil {
+		s.lazy.stop()
+	}
+	if s.c != nil {
+		s.c.Cleanup()
+	}
+	for _, f := range s.files {
+		f.Close()
+	}
+}
+
+// childPids lists this process's children.
+func childPids() []int {
+	var out []int
+	tasks, _ := os.ReadDir("/proc/self/task")
+	for _, t := range tasks {
+		b, err := os.ReadFile(filepath.Join("/proc/self/task", t.Name(), "children"))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if p, err := strconv.Atoi(f); err == nil {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
 }
 
 type restoreNotify struct {

@@ -63,22 +63,44 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	}
 	u.failpoint(phaseDumping)
 
+	gate, err := checkpoint.NewPageGate(addr)
+	if err != nil {
+		u.releaseHold()
+		u.discardGeneration(ctx)
+		return nil, err
+	}
+	pc := &postCopyRun{u: u, gate: gate, staged: make(chan stagedRestore, 1)}
+	// The restore's helper and CRIU start while the dump runs (from the freeze on: the
+	// checkpoint record they need is written by then), so the restore starts at once later.
+	stCopy := *st
+	beforeFreeze := func() {
+		u.startHold()
+		go func() {
+			sc, err := restore.StageLocked(ctx, u.mgr, stCopy, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
+				PageServer: gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+			pc.staged <- stagedRestore{sc, err}
+		}()
+	}
+
 	span := u.rec.Start("dump")
 	d := checkpoint.StartLazyDump(ctx, u.mgr, st, checkpoint.ContainerOptions{
 		CRIU: u.o.CRIU, ImagesDir: u.j.ImagesDir, NetworkLock: u.networkLock(), PageServer: addr,
-		BeforeFreeze: u.startHold, Logger: u.log,
+		BeforeFreeze: beforeFreeze, Logger: u.log,
 	})
-	if err := d.WaitServing(ctx, 2*time.Minute); err != nil {
+	pc.dump = d
+	if err := d.WaitImages(ctx, 2*time.Minute); err != nil {
+		gate.Abort()
 		if _, derr := d.Abort(); derr == nil {
 			u.log.Error("lazy dump completed after its page server was abandoned", "container", st.Name)
 		}
+		pc.cancelStaged(ctx)
 		span.End(err, nil)
 		u.releaseHold()
 		u.discardGeneration(ctx)
 		return nil, fmt.Errorf("%s %s: dump failed, container still running the old generation: %w", op, st.Name, err)
 	}
 	u.sum.DumpMS = ms(time.Since(u.holdStart))
-	pc := &postCopyRun{u: u, dump: d}
+	pc.imagesReady(ctx)
 	// Only the originals are in the cgroup now, all held by CRIU.
 	if pc.originals, err = u.cg.Procs(); err != nil {
 		return pc.rollback(ctx, fmt.Errorf("list the frozen processes: %w", err))
@@ -124,17 +146,18 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	u.failpoint(phaseSwapped)
 
 	span = u.rec.Start("restore")
-	if pc.gate, err = checkpoint.NewPageGate(addr); err != nil {
-		span.End(err, nil)
-		return pc.rollback(ctx, err)
-	}
 	var rres *restore.Result
 	if u.o.Failpoint == "restore" {
 		err = errors.New("injected restore failure (failpoint)")
 	} else {
 		var r *restore.ContainerResult
-		r, err = restore.ContainerLocked(ctx, u.mgr, st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
-			PageServer: pc.gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+		if sc := pc.stagedRestore(); sc != nil {
+			pc.sc = nil // Go consumes it
+			r, err = sc.Go(ctx, st)
+		} else {
+			r, err = restore.ContainerLocked(ctx, u.mgr, st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
+				PageServer: pc.gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+		}
 		if r != nil {
 			rres = &r.Result
 		}
@@ -212,6 +235,50 @@ type postCopyRun struct {
 	originals []int
 	socks     []sockets.SidelinedSocket
 	oldRoot   int
+	staged    chan stagedRestore // the staging's outcome, once
+	sc        *restore.StagedContainer
+	stageErr  error
+	gotStaged bool
+}
+
+type stagedRestore struct {
+	sc  *restore.StagedContainer
+	err error
+}
+
+// stagedRestore waits for the restore staged at the freeze; nil if staging failed (the
+// restore then starts from scratch).
+func (pc *postCopyRun) stagedRestore() *restore.StagedContainer {
+	if !pc.gotStaged {
+		select {
+		case r := <-pc.staged:
+			pc.sc, pc.stageErr = r.sc, r.err
+		case <-time.After(30 * time.Second):
+			pc.stageErr = errors.New("staging the restore took more than 30s")
+		}
+		pc.gotStaged = true
+		if pc.stageErr != nil {
+			pc.u.log.Warn("restore not staged; starting it now", "error", pc.stageErr)
+		}
+	}
+	return pc.sc
+}
+
+// imagesReady lets the staged restore start its lazy-pages daemon.
+func (pc *postCopyRun) imagesReady(ctx context.Context) {
+	if sc := pc.stagedRestore(); sc != nil {
+		if err := sc.ImagesReady(ctx); err != nil {
+			pc.u.log.Warn("staged restore", "error", err)
+		}
+	}
+}
+
+// cancelStaged ends a staged restore that will not run.
+func (pc *postCopyRun) cancelStaged(ctx context.Context) {
+	if sc := pc.stagedRestore(); sc != nil {
+		sc.Cancel(ctx)
+		pc.sc = nil
+	}
 }
 
 // rollback brings the originals back: the copy (if any) goes quietly, the transfer is
@@ -237,6 +304,7 @@ func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
 	u := pc.u
 	st := u.st
 	var errs []error
+	pc.cancelStaged(ctx)
 	// First the transfer: CRIU fails it and resumes the originals (a copy that ended first
 	// would end the transfer cleanly, and CRIU would kill them).
 	if pc.gate != nil {
