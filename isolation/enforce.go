@@ -48,6 +48,9 @@ func maskPath(p string) error {
 		return fmt.Errorf("mask %s: %w", p, err)
 	}
 	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		if maskWithEmptyDir(p) == nil {
+			return nil
+		}
 		if err := unix.Mount("tmpfs", p, "tmpfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=0,mode=0555"); err != nil {
 			return fmt.Errorf("mask directory %s with a read-only tmpfs: %w", p, err)
 		}
@@ -55,6 +58,31 @@ func maskPath(p string) error {
 	}
 	if err := unix.Mount("/dev/null", p, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("mask %s with /dev/null: %w", p, err)
+	}
+	return nil
+}
+
+// maskSource is an empty directory in the container's own /dev tmpfs that masked directories
+// are read-only bind mounts of. A bind mount within the container costs a checkpoint
+// nothing, while every tmpfs mask is a file system CRIU archives (tar + gzip) at each dump
+// and unpacks at each restore, ~5 ms each way on the machines we measured.
+const maskSource = "/dev/.masked"
+
+// maskWithEmptyDir mounts a read-only view of maskSource over directory p.
+func maskWithEmptyDir(p string) error {
+	if err := os.Mkdir(maskSource, 0o555); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(maskSource, &fs); err != nil || fs.Type != unix.TMPFS_MAGIC {
+		return fmt.Errorf("mask %s: %s is not on the container's /dev tmpfs", p, maskSource)
+	}
+	if err := unix.Mount(maskSource, p, "", unix.MS_BIND, ""); err != nil {
+		return err
+	}
+	if err := unix.Mount("", p, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		unix.Unmount(p, unix.MNT_DETACH)
+		return err
 	}
 	return nil
 }

@@ -144,6 +144,9 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	}
 	span.End(nil, map[string]any{"generation": u.gen.N})
 	u.failpoint(phaseSwapped)
+	// The new content of changed files is copied beside them while CRIU restores.
+	pub := preparePublish(u.chg, st.Rootfs)
+	pc.pub = pub
 
 	span = u.rec.Start("restore")
 	var rres *restore.Result
@@ -169,7 +172,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	u.sum.RestoreMS = ms(rres.Running)
 	u.sum.FreezeWindowMS = ms(time.Since(u.holdStart))
 	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS})
-	if err := publishNew(u.chg, st.Rootfs); err != nil {
+	if err := publishNew(u.chg, st.Rootfs, pub); err != nil {
 		return pc.rollback(ctx, err)
 	}
 	if err := u.save(phaseRestored); err != nil {
@@ -235,6 +238,7 @@ type postCopyRun struct {
 	originals []int
 	socks     []sockets.SidelinedSocket
 	oldRoot   int
+	pub       *publishing
 	staged    chan stagedRestore // the staging's outcome, once
 	sc        *restore.StagedContainer
 	stageErr  error
@@ -330,6 +334,9 @@ func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
 		if err := u.cg.Thaw(ctx); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if pc.pub != nil {
+		<-pc.pub.done // no copy may still write into the new root
 	}
 	if st.Current != u.j.From {
 		if err := cowfs.Unmount(st.Rootfs); err != nil {

@@ -152,18 +152,32 @@ func mkParents(upper, p string, stack []string) error {
 
 // copyFile copies a regular file with its mode and owner to dst (replacing dst atomically).
 func copyFile(src, dst string) error {
+	tmp, err := copyToTemp(src, dst)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// copyToTemp copies src (content, owner, mode) to a new hidden file beside dst and returns
+// its path: renaming it to dst then replaces dst atomically.
+func copyToTemp(src, dst string) (string, error) {
 	var st unix.Stat_t
 	if err := unix.Lstat(src, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", src, err)
+		return "", fmt.Errorf("stat %s: %w", src, err)
 	}
 	in, err := os.Open(src)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer in.Close()
 	tmp, err := os.CreateTemp(filepath.Dir(dst), ".hot-stage-*")
 	if err != nil {
-		return err
+		return "", err
 	}
 	ok := false
 	defer func() {
@@ -173,29 +187,61 @@ func copyFile(src, dst string) error {
 		}
 	}()
 	if _, err := io.Copy(tmp, in); err != nil {
-		return fmt.Errorf("copy %s: %w", src, err)
+		return "", fmt.Errorf("copy %s: %w", src, err)
 	}
 	if err := tmp.Chown(int(st.Uid), int(st.Gid)); err != nil {
-		return err
+		return "", err
 	}
 	if err := tmp.Chmod(cowfs.FileMode(st.Mode)); err != nil {
-		return err
+		return "", err
 	}
 	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
-		return err
+		return "", err
 	}
 	ok = true
-	return nil
+	return tmp.Name(), nil
+}
+
+// publishing is new content copied beside the changed paths ahead of publishNew (a post-copy
+// update copies while CRIU restores, so only the renames remain for the pause).
+type publishing struct {
+	done chan struct{}
+	tmps map[string]string // path in the container → temp file on the host
+	err  error
+}
+
+// preparePublish starts copying the new content of changes next to their paths in the
+// mounted new root.
+func preparePublish(changes []Change, mountedRoot string) *publishing {
+	p := &publishing{done: make(chan struct{}), tmps: map[string]string{}}
+	go func() {
+		defer close(p.done)
+		for _, c := range changes {
+			if c.Removed() {
+				continue
+			}
+			tmp, err := copyToTemp(c.New, hostPathIn(mountedRoot, c.Path))
+			if err != nil {
+				p.err = fmt.Errorf("publish new content of %s: %w", c.Path, err)
+				return
+			}
+			p.tmps[c.Path] = tmp
+		}
+	}()
+	return p
 }
 
 // publishNew makes the new generation's content visible at each changed path, through the
 // mounted new root, after the processes were restored holding the staged running content:
 // the new file replaces the staged one with a rename (the processes keep the old inode), and a
 // file the new image removed is unlinked. This is what a package upgrade does to a running binary.
-func publishNew(changes []Change, mountedRoot string) error {
+func publishNew(changes []Change, mountedRoot string, pre *publishing) error {
+	if pre != nil {
+		<-pre.done
+		if pre.err != nil {
+			return pre.err
+		}
+	}
 	for _, c := range changes {
 		dst := hostPathIn(mountedRoot, c.Path)
 		if c.Removed() {
@@ -204,11 +250,25 @@ func publishNew(changes []Change, mountedRoot string) error {
 			}
 			continue
 		}
+		if tmp, ok := pre.ready(c.Path); ok {
+			if err := os.Rename(tmp, dst); err != nil {
+				return fmt.Errorf("publish new content of %s: %w", c.Path, err)
+			}
+			continue
+		}
 		if err := copyFile(c.New, dst); err != nil {
 			return fmt.Errorf("publish new content of %s: %w", c.Path, err)
 		}
 	}
 	return nil
+}
+
+func (p *publishing) ready(path string) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	tmp, ok := p.tmps[path]
+	return tmp, ok
 }
 
 // redundantCopies returns the paths g.Published whose copy in g.Upper still equals g's image

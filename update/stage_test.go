@@ -118,7 +118,7 @@ func TestDiffStagePublish(t *testing.T) {
 	write(t, merged+"/lib/dropped.so", "bye", 0o644)
 	held1, _ := os.Open(merged + "/bin/app") // a "process" holding the old binary
 	defer held1.Close()
-	if err := publishNew(changes, merged); err != nil {
+	if err := publishNew(changes, merged, nil); err != nil {
 		t.Fatal(err)
 	}
 	if b, _ := os.ReadFile(merged + "/bin/app"); string(b) != "binary v2!" {

@@ -274,7 +274,7 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	u.sum.FreezeWindowMS = ms(time.Since(dres.Stats.FrozenAt))
 	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS,
 		"criuRestoreMs": ms(rres.Stats.Restore), "criuForkingMs": ms(rres.Stats.Forking)})
-	if err := publishNew(u.chg, st.Rootfs); err != nil {
+	if err := publishNew(u.chg, st.Rootfs, nil); err != nil {
 		return u.rollback(ctx, err)
 	}
 	if err := u.save(phaseRestored); err != nil {
