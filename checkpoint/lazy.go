@@ -62,6 +62,22 @@ func FreePort(ip string) (string, error) {
 	return addr, nil
 }
 
+// AbortPageServer makes the lazy dump serving at addr fail (an invalid request): CRIU then
+// resumes the processes it holds. For a recovery that lost the LazyDump; a page server that
+// is gone already is not an error.
+func AbortPageServer(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil
+		}
+		return fmt.Errorf("abort page server %s: %w", addr, err)
+	}
+	defer c.Close()
+	_, err = c.Write(invalidRequest)
+	return err
+}
+
 // LazyDump is a lazy dump running in the background.
 type LazyDump struct {
 	// Addr is the page server's ADDR:PORT.

@@ -331,6 +331,17 @@ func (s *StagedContainer) Go(ctx context.Context, st *container.State) (*Contain
 	return &ContainerResult{ID: s.id, Name: s.name, Result: *r}, nil
 }
 
+// CancelStaged ends a staged restore left at the monitor of container id by a process that
+// died (no staged restore is not an error).
+func CancelStaged(ctx context.Context, mgr *container.Manager, id string) error {
+	raw, _ := json.Marshal(helperArgs{Step: stepCancel})
+	_, err := mgr.CallMonitor(ctx, id, container.Request{Op: MonitorOp, Args: raw})
+	if err != nil && strings.Contains(err.Error(), "no staged restore") {
+		return nil
+	}
+	return err
+}
+
 // Cancel ends a staged restore that will not run (nothing was restored).
 func (s *StagedContainer) Cancel(ctx context.Context) {
 	if s.done {

@@ -314,16 +314,29 @@ func TestHotUpdateLazy(t *testing.T) {
 		f.serving("v1")
 	})
 
-	t.Run("hot killed after the lazy restore rolls back", func(t *testing.T) {
-		t.Setenv("HOT_FAILPOINT", "update-kill:restored")
+	t.Run("restore failure rolls back to the originals", func(t *testing.T) {
+		t.Setenv("HOT_FAILPOINT", "update-restore")
 		r := e.Hot("update", f.name, "demo:v2", "--lazy")
-		if r.ExitCode != -1 && r.ExitCode != 137 {
-			t.Fatalf("update with kill failpoint exited %d, want killed\n%s", r.ExitCode, r.Stderr)
+		if r.ExitCode != 1 || !strings.Contains(r.Stderr, "rolled back") || !strings.Contains(r.Stderr, "injected restore failure") {
+			t.Fatalf("exit %d, stderr %q: want a rollback naming the restore failure", r.ExitCode, r.Stderr)
 		}
 		os.Unsetenv("HOT_FAILPOINT")
-		e.MustHot("ps")
 		f.serving("v1")
 	})
+
+	// Killed before the commit: the originals (frozen under CRIU until then) run on.
+	for _, phase := range []string{"dumping", "dumped", "swapped", "restored"} {
+		t.Run("hot killed at "+phase+" resumes the originals", func(t *testing.T) {
+			t.Setenv("HOT_FAILPOINT", "update-kill:"+phase)
+			r := e.Hot("update", f.name, "demo:v2", "--lazy")
+			if r.ExitCode != -1 && r.ExitCode != 137 {
+				t.Fatalf("update with kill failpoint exited %d, want killed\n%s", r.ExitCode, r.Stderr)
+			}
+			os.Unsetenv("HOT_FAILPOINT")
+			e.MustHot("ps")
+			f.serving("v1")
+		})
+	}
 
 	t.Run("update keeps connections and memory", func(t *testing.T) {
 		before := f.load.Snapshot()
@@ -345,6 +358,25 @@ func TestHotUpdateLazy(t *testing.T) {
 		}
 		if body, _ := get("http://" + f.addr + "/cat?path=/var/lib/demo/written-by-v1"); body != "written by v1\n" {
 			t.Errorf("file the container wrote: %q", body)
+		}
+	})
+
+	// Killed once every page is in: the copy is the container, the update is finished.
+	t.Run("hot killed at committing finishes the update", func(t *testing.T) {
+		t.Setenv("HOT_FAILPOINT", "update-kill:committing")
+		r := e.Hot("update", f.name, "demo:v1", "--lazy", "--reload-signal", "HUP")
+		if r.ExitCode != -1 && r.ExitCode != 137 {
+			t.Fatalf("update with kill failpoint exited %d, want killed\n%s", r.ExitCode, r.Stderr)
+		}
+		os.Unsetenv("HOT_FAILPOINT")
+		e.MustHot("ps")
+		f.serving("v1")
+		if out := e.MustHot("inspect", f.name); !strings.Contains(out, "demo:v1") {
+			t.Errorf("after the recovered commit the container should be on demo:v1:\n%s", out)
+		}
+		// A second update still carries what the container wrote before the first one.
+		if body, _ := get("http://" + f.addr + "/cat?path=/var/lib/demo/written-by-v1"); body != "written by v1\n" {
+			t.Errorf("file the container wrote before the first update: %q", body)
 		}
 	})
 

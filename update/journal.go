@@ -47,7 +47,11 @@ type journal struct {
 	OrigInit int  `json:"origInit,omitempty"` // the original init (post-copy)
 	// Originals are the original processes (post-copy), held by CRIU: a recovery discards
 	// every other process of the cgroup (the copy) and resumes these.
-	Originals []int `json:"originals,omitempty"`
+	Originals      []int    `json:"originals,omitempty"`
+	OriginalStarts []uint64 `json:"originalStarts,omitempty"` // their start times (pid reuse)
+	// PageServer is the lazy dump's page server (post-copy): a recovery sends it an invalid
+	// request so that CRIU gives up and resumes the originals.
+	PageServer string `json:"pageServer,omitempty"`
 	// Stashed are copies moved out of the old upper (stashCopies), under GenDir/stashed.
 	Stashed []string `json:"stashed,omitempty"`
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -55,7 +56,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 		u.discardGeneration(ctx)
 		return nil, err
 	}
-	u.j.Lazy, u.j.OrigInit = true, st.Pid
+	u.j.Lazy, u.j.OrigInit, u.j.PageServer = true, st.Pid, addr
 	if err := u.journal(phaseDumping); err != nil {
 		u.releaseHold()
 		u.discardGeneration(ctx)
@@ -105,7 +106,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	if pc.originals, err = u.cg.Procs(); err != nil {
 		return pc.rollback(ctx, fmt.Errorf("list the frozen processes: %w", err))
 	}
-	u.j.Originals = pc.originals
+	u.j.Originals, u.j.OriginalStarts = pc.originals, startTimes(pc.originals)
 	if err := u.journal(phaseDumping); err != nil {
 		return pc.rollback(ctx, err)
 	}
@@ -317,15 +318,13 @@ func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
 	if _, err := pc.dump.Abort(); err == nil {
 		return errors.New("CRIU completed the dump although the transfer was aborted: the original processes are gone")
 	}
-	if st.Pid != 0 && st.Pid != u.j.OrigInit {
-		// The copy's init hands the container back to the original one, then the copy goes.
-		if _, err := u.mgr.CallMonitor(ctx, st.ID, container.Request{Op: container.OpReplaceInit, Old: st.Pid, Pid: u.j.OrigInit}); err != nil {
-			errs = append(errs, fmt.Errorf("give the container back to init %d: %w", u.j.OrigInit, err))
-		}
+	if err := giveBackInit(ctx, u.mgr, st.ID, u.j.OrigInit); err != nil {
+		errs = append(errs, err)
 	}
 	if err := discardCopy(ctx, u.cg, pc.originals); err != nil {
 		errs = append(errs, err)
 	}
+	killLazyDaemons(u.j.ImagesDir)
 	// CRIU resumed the originals (and took their connections out of repair mode).
 	if err := sockets.Unsideline(pc.socks); err != nil {
 		errs = append(errs, err)
@@ -375,6 +374,52 @@ func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
 	return removeJournal(u.mgr.Dir(st.ID))
 }
 
+// giveBackInit makes the original init the container's init again at its monitor if the
+// copy's init replaced it (then the copy can go without its exit being the container's).
+func giveBackInit(ctx context.Context, mgr *container.Manager, id string, orig int) error {
+	resp, err := mgr.CallMonitor(ctx, id, container.Request{Op: container.OpStatus})
+	if err != nil {
+		return fmt.Errorf("ask the monitor for the init: %w", err)
+	}
+	if resp.Status == nil || !resp.Status.Running || resp.Status.Pid == orig {
+		return nil
+	}
+	if _, err := mgr.CallMonitor(ctx, id, container.Request{Op: container.OpReplaceInit, Old: resp.Status.Pid, Pid: orig}); err != nil {
+		return fmt.Errorf("give the container back to init %d: %w", orig, err)
+	}
+	return nil
+}
+
+// killLazyDaemons kills the `criu lazy-pages` daemons working on imagesDir: once the copy is
+// gone (or its page source), such a daemon waits forever. It is not in the container's
+// cgroup (a staged restore starts it before joining), so discardCopy does not see it.
+func killLazyDaemons(imagesDir string) {
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid <= 0 {
+			continue
+		}
+		cmd, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(cmd, []byte("lazy-pages\x00")) || !bytes.Contains(cmd, []byte(imagesDir+"\x00")) {
+			continue
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// startTimes returns the start time of each pid (0 for one that is gone).
+func startTimes(pids []int) []uint64 {
+	out := make([]uint64, len(pids))
+	for i, p := range pids {
+		out[i], _ = container.ProcStartTime(p)
+	}
+	return out
+}
+
 // discardCopy kills every process of the container's cgroup that is not one of the
 // originals (the restored copy, its restore helper and lazy-pages daemon) without their TCP
 // peers noticing: frozen, sockets in repair mode, SIGKILL, thawed.
@@ -389,6 +434,12 @@ func discardCopy(ctx context.Context, cg *cgroups.Cgroup, originals []int) error
 			copyPids = append(copyPids, p)
 		}
 	}
+	return discardPids(ctx, cg, copyPids)
+}
+
+// discardPids kills the processes pids of cg quietly (frozen, TCP sockets in repair mode,
+// SIGKILL, thawed) and waits until they are reaped.
+func discardPids(ctx context.Context, cg *cgroups.Cgroup, copyPids []int) error {
 	if len(copyPids) == 0 {
 		return nil
 	}

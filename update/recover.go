@@ -18,6 +18,7 @@ import (
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/cowfs"
 	"github.com/hotctl/hot/criubin"
+	"github.com/hotctl/hot/restore"
 	"github.com/hotctl/hot/sockets"
 )
 
@@ -84,12 +85,12 @@ func Recover(ctx context.Context, mgr *container.Manager, store *cowfs.Store, re
 }
 
 func recoverLocked(ctx context.Context, mgr *container.Manager, store *cowfs.Store, st *container.State, j *journal, criu criubin.Binary, log *slog.Logger) error {
-	// A CRIU started by the dead hot may still be finishing (it dumps, then kills the tasks,
-	// or gives up and releases them): wait until nobody holds the images directory.
-	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
 	if j.Lazy && j.Phase != phasePrepared {
 		return recoverPostCopy(ctx, mgr, store, st, j, log)
 	}
+	// A CRIU started by the dead hot may still be finishing (it dumps, then kills the tasks,
+	// or gives up and releases them): wait until nobody holds the images directory.
+	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
 	cg, err := cgroups.Load(st.Cgroup)
 	if err != nil {
 		return err
@@ -187,22 +188,42 @@ func recoverPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.S
 	if err != nil {
 		return err
 	}
+	if j.Phase != phaseCommitting {
+		// A CRIU still serving pages (nobody connected before hot died) gives up and resumes
+		// the originals; a restore staged at the monitor is dropped.
+		if j.PageServer != "" {
+			if err := checkpoint.AbortPageServer(j.PageServer); err != nil {
+				log.Warn("abort the page server", "error", err)
+			}
+		}
+		if err := restore.CancelStaged(ctx, mgr, st.ID); err != nil {
+			log.Warn("cancel the staged restore", "error", err)
+		}
+	}
+	if j.Phase != phaseCommitting && len(j.Originals) > 0 {
+		// The copy (if restored) lost its page source with hot: it goes, with its daemon.
+		if err := giveBackInit(ctx, mgr, st.ID, j.OrigInit); err != nil {
+			log.Warn("give the container back to its original init", "error", err)
+		}
+		if err := discardCopy(ctx, cg, j.Originals); err != nil {
+			return err
+		}
+	}
+	killLazyDaemons(j.ImagesDir)
+	// CRIU ends either way (a dropped transfer fails it: it resumes the originals; a closed
+	// one completes it: it kills them): wait until it let go of the images directory.
+	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
 	origAlive := j.OrigInit > 0 && syscall.Kill(j.OrigInit, 0) == nil && !isZombie(j.OrigInit)
 	if j.Phase == phaseCommitting || !origAlive {
 		if j.Phase != phaseCommitting {
 			log.Error("post-copy update: the original processes are gone before the commit; keeping the copy", "container", st.Name)
 		}
-		return finishPostCopy(ctx, mgr, store, st, j)
-	}
-	if len(j.Originals) > 0 {
-		if st.Pid != 0 && st.Pid != j.OrigInit {
-			if _, err := mgr.CallMonitor(ctx, st.ID, container.Request{Op: container.OpReplaceInit, Old: st.Pid, Pid: j.OrigInit}); err != nil {
-				log.Warn("give the container back to its original init", "error", err)
-			}
-		}
-		if err := discardCopy(ctx, cg, j.Originals); err != nil {
+		// Every page was in the copy. Originals CRIU resumed instead of killing (the
+		// transfer was reset as hot died) go quietly.
+		if err := discardPids(ctx, cg, livingOriginals(j)); err != nil {
 			return err
 		}
+		return finishPostCopy(ctx, mgr, store, st, j)
 	}
 	if _, err := sockets.UnsidelineAll(j.Originals); err != nil {
 		return err
@@ -275,6 +296,21 @@ func finishPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.St
 	os.RemoveAll(filepath.Join(j.GenDir, "stashed"))
 	os.Remove(filepath.Join(mgr.Dir(st.ID), checkpoint.RecordFile))
 	return removeJournal(mgr.Dir(st.ID))
+}
+
+// livingOriginals returns the journal's original processes that still exist (same pid and
+// start time).
+func livingOriginals(j *journal) []int {
+	var out []int
+	for i, p := range j.Originals {
+		if i >= len(j.OriginalStarts) {
+			break
+		}
+		if st, err := container.ProcStartTime(p); err == nil && st == j.OriginalStarts[i] && !isZombie(p) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func isZombie(pid int) bool {

@@ -119,10 +119,24 @@ func Update(ctx context.Context, mgr *container.Manager, store *cowfs.Store, ref
 		}
 		t := &target{image: image, imageID: img.ID, lowers: slices.Clone(img.LayerDirs)}
 		if !o.DiscardChanges {
-			t.lowers = append(t.lowers, cur.Upper)
+			t.lowers = append(t.lowers, carriedLayers(cur)...)
 		}
 		return t, nil
 	})
+}
+
+// carriedLayers are what the container wrote up to now, bottom first: the uppers earlier
+// updates carried (the generation's lowers inside the container's generations directory)
+// and the running upper.
+func carriedLayers(cur *container.Generation) []string {
+	gens := filepath.Dir(filepath.Dir(cur.Upper)) + string(filepath.Separator)
+	var out []string
+	for _, d := range cur.LowerDirs {
+		if strings.HasPrefix(d, gens) {
+			out = append(out, d)
+		}
+	}
+	return append(out, cur.Upper)
 }
 
 // Rollback goes back to the previous generation's image the same way: the processes keep
