@@ -82,8 +82,9 @@ func (g *PageGate) Abort() {
 	down, up := g.down, g.up
 	g.mu.Unlock()
 	if up == nil {
-		// Nobody connected (yet): tell CRIU directly.
-		if c, err := dialPageServer(g.upstream, pageGateDialWait); err == nil {
+		// Nobody connected (yet): tell CRIU directly, if it listens (LazyDump.Abort retries
+		// for a page server about to listen).
+		if c, err := net.DialTimeout("tcp", g.upstream, time.Second); err == nil {
 			up = c
 		}
 	}

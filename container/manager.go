@@ -584,6 +584,10 @@ func ProcStartTime(pid int) (uint64, error) { return procStartTime(pid) }
 // must leave a truthful state file at every step (the hot update). The caller holds the lock.
 func (m *Manager) Save(st *State) error { return m.p.saveState(st) }
 
+// SaveNoSync is Save without the fsyncs (see WriteJSONAtomicNoSync): for a caller that saves
+// inside a container's pause and saves durably once it is over.
+func (m *Manager) SaveNoSync(st *State) error { return WriteJSONAtomicNoSync(m.p.state(st.ID), st) }
+
 // procTracer returns the pid tracing pid (ptrace), or 0.
 func procTracer(pid int) int {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))

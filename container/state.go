@@ -129,6 +129,23 @@ func (p paths) genDir(id string, n int) string {
 // writeFileAtomic writes data to path through a temporary file, fsync and rename, so readers
 // see the old or the new content, never a torn one.
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	return writeFileAtomicSync(path, data, perm, true)
+}
+
+// WriteJSONAtomicNoSync is WriteJSONAtomic without the fsyncs: the file is replaced
+// atomically for every process on this machine (a killed writer leaves the old or the new
+// content), but not durably across a power loss. For records written inside a container's
+// pause, where each fsync adds to what clients wait for and a power loss ends the processes
+// the record is about anyway.
+func WriteJSONAtomicNoSync(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", path, err)
+	}
+	return writeFileAtomicSync(path, append(b, '\n'), 0o600, false)
+}
+
+func writeFileAtomicSync(path string, data []byte, perm os.FileMode, sync bool) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
@@ -138,7 +155,7 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	if werr == nil {
 		werr = tmp.Chmod(perm)
 	}
-	if werr == nil {
+	if werr == nil && sync {
 		werr = tmp.Sync()
 	}
 	if cerr := tmp.Close(); werr == nil {
@@ -150,6 +167,9 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	if werr != nil {
 		os.Remove(name)
 		return fmt.Errorf("write %s: %w", path, werr)
+	}
+	if !sync {
+		return nil
 	}
 	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		d.Sync()

@@ -306,7 +306,8 @@ func StageLocked(ctx context.Context, mgr *container.Manager, st container.State
 	return &StagedContainer{mgr: mgr, id: st.ID, name: st.Name, args: args, rec: rec, o: o}, nil
 }
 
-// ImagesReady tells the helper the images are written: it starts the lazy-pages daemon.
+// ImagesReady tells the helper the images are written and the container's cgroup is thawed:
+// it joins the cgroup and starts the lazy-pages daemon.
 func (s *StagedContainer) ImagesReady(ctx context.Context) error {
 	a := s.args
 	a.Step = stepImages
@@ -635,12 +636,32 @@ func helperMain(ctx context.Context, a helperArgs, in *bufio.Reader, out *os.Fil
 	if err := json.NewEncoder(out).Encode(helperResult{Ready: true}); err != nil {
 		return nil, fmt.Errorf("restore helper: report ready: %w", err)
 	}
-	var lazyErr error
+	joined := false
+	join := func() error {
+		if cg == nil || joined {
+			return nil
+		}
+		joined = true
+		for _, p := range []int{os.Getpid(), criuPid} {
+			if p == 0 {
+				continue
+			}
+			if err := cg.AddProc(p); err != nil {
+				return fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
+			}
+		}
+		return nil
+	}
+	var readyErr error
 	for {
 		line, err := in.ReadString('\n')
 		switch strings.TrimSpace(line) {
 		case stepImages:
-			lazyErr = st.StartLazy(ctx)
+			// The dump is done and the cgroup thawed: join it now (and start the lazy-pages
+			// daemon in it), so that only the restore itself remains for "go".
+			if readyErr = join(); readyErr == nil {
+				readyErr = st.StartLazy(ctx)
+			}
 			continue
 		case stepGo:
 		default:
@@ -648,18 +669,11 @@ func helperMain(ctx context.Context, a helperArgs, in *bufio.Reader, out *os.Fil
 		}
 		break
 	}
-	if lazyErr != nil {
-		return nil, lazyErr
+	if readyErr != nil {
+		return nil, readyErr
 	}
-	if cg != nil {
-		for _, p := range []int{os.Getpid(), criuPid} {
-			if p == 0 {
-				continue
-			}
-			if err := cg.AddProc(p); err != nil {
-				return nil, fmt.Errorf("restore: join cgroup %s: %w", a.Cgroup, err)
-			}
-		}
+	if err := join(); err != nil {
+		return nil, err
 	}
 	return st.Run(ctx)
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -64,7 +65,9 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	}
 	u.failpoint(phaseDumping)
 
-	gate, err := checkpoint.NewPageGate(addr)
+	// The gate runs in the container's monitor, so it outlives this process (see
+	// restore.GateOp): the copy never runs without its page source.
+	gate, err := restore.StartGate(ctx, u.mgr, st.ID, addr)
 	if err != nil {
 		u.releaseHold()
 		u.discardGeneration(ctx)
@@ -78,7 +81,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 		u.startHold()
 		go func() {
 			sc, err := restore.StageLocked(ctx, u.mgr, stCopy, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
-				PageServer: gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+				PageServer: gate.Addr, Replace: u.j.OrigInit, Logger: u.log})
 			pc.staged <- stagedRestore{sc, err}
 		}()
 	}
@@ -90,7 +93,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	})
 	pc.dump = d
 	if err := d.WaitImages(ctx, 2*time.Minute); err != nil {
-		gate.Abort()
+		gate.Abort(context.WithoutCancel(ctx))
 		if _, derr := d.Abort(); derr == nil {
 			u.log.Error("lazy dump completed after its page server was abandoned", "container", st.Name)
 		}
@@ -101,7 +104,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 		return nil, fmt.Errorf("%s %s: dump failed, container still running the old generation: %w", op, st.Name, err)
 	}
 	u.sum.DumpMS = ms(time.Since(u.holdStart))
-	pc.imagesReady(ctx)
+	u.inPause = true
 	// Only the originals are in the cgroup now, all held by CRIU.
 	if pc.originals, err = u.cg.Procs(); err != nil {
 		return pc.rollback(ctx, fmt.Errorf("list the frozen processes: %w", err))
@@ -119,6 +122,9 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	if err := u.cg.Thaw(ctx); err != nil {
 		return pc.rollback(ctx, err)
 	}
+	// The staged helper joins the (thawed) cgroup and starts its lazy-pages daemon meanwhile.
+	pc.imagesTold = make(chan struct{})
+	go func() { pc.imagesReady(ctx); close(pc.imagesTold) }()
 	span.End(nil, map[string]any{"pageServer": addr, "sidelinedSockets": len(pc.socks), "untilServingMs": u.sum.DumpMS})
 	if err := u.save(phaseDumped); err != nil {
 		return pc.rollback(ctx, err)
@@ -155,12 +161,13 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 		err = errors.New("injected restore failure (failpoint)")
 	} else {
 		var r *restore.ContainerResult
+		<-pc.imagesTold // the helper must hear "images" before "go"
 		if sc := pc.stagedRestore(); sc != nil {
 			pc.sc = nil // Go consumes it
 			r, err = sc.Go(ctx, st)
 		} else {
 			r, err = restore.ContainerLocked(ctx, u.mgr, st, restore.ContainerOptions{CRIU: u.o.CRIU, Lazy: true, ReturnWhenRunning: true,
-				PageServer: pc.gate.Addr(), Replace: u.j.OrigInit, Logger: u.log})
+				PageServer: pc.gate.Addr, Replace: u.j.OrigInit, Logger: u.log})
 		}
 		if r != nil {
 			rres = &r.Result
@@ -189,11 +196,18 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
 	// Clients go on while the rest of the memory comes in; the originals stay until it is.
 	u.releaseHold()
+	u.inPause = false
 
 	span = u.rec.Start("memory-in")
 	restoreStart := time.Now().Add(-rres.Running)
+	allIn := make(chan error, 1)
+	go func() { allIn <- pc.gate.WaitAllIn(ctx) }()
 	select {
-	case <-pc.gate.AllIn():
+	case err := <-allIn:
+		if err != nil {
+			span.End(err, nil)
+			return pc.rollback(ctx, err)
+		}
 	case <-ctx.Done():
 		span.End(ctx.Err(), nil)
 		return pc.rollback(ctx, ctx.Err())
@@ -213,7 +227,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 		return pc.rollback(ctx, err)
 	}
 	u.failpoint(phaseCommitting)
-	if err := pc.gate.Commit(time.Minute); err != nil {
+	if err := pc.gate.Commit(context.WithoutCancel(ctx)); err != nil {
 		u.log.Warn("close the page transfer", "error", err)
 	}
 	if _, err := d.Wait(time.Minute); err != nil {
@@ -233,17 +247,18 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 
 // postCopyRun is what a post-copy update holds until it commits.
 type postCopyRun struct {
-	u         *updater
-	dump      *checkpoint.LazyDump
-	gate      *checkpoint.PageGate
-	originals []int
-	socks     []sockets.SidelinedSocket
-	oldRoot   int
-	pub       *publishing
-	staged    chan stagedRestore // the staging's outcome, once
-	sc        *restore.StagedContainer
-	stageErr  error
-	gotStaged bool
+	u          *updater
+	dump       *checkpoint.LazyDump
+	gate       *restore.MonitorGate
+	originals  []int
+	socks      []sockets.SidelinedSocket
+	oldRoot    int
+	pub        *publishing
+	staged     chan stagedRestore // the staging's outcome, once
+	sc         *restore.StagedContainer
+	stageErr   error
+	stageOnce  sync.Once
+	imagesTold chan struct{} // closed once the staged helper was told the images are there
 }
 
 type stagedRestore struct {
@@ -254,18 +269,17 @@ type stagedRestore struct {
 // stagedRestore waits for the restore staged at the freeze; nil if staging failed (the
 // restore then starts from scratch).
 func (pc *postCopyRun) stagedRestore() *restore.StagedContainer {
-	if !pc.gotStaged {
+	pc.stageOnce.Do(func() {
 		select {
 		case r := <-pc.staged:
 			pc.sc, pc.stageErr = r.sc, r.err
 		case <-time.After(30 * time.Second):
 			pc.stageErr = errors.New("staging the restore took more than 30s")
 		}
-		pc.gotStaged = true
 		if pc.stageErr != nil {
 			pc.u.log.Warn("restore not staged; starting it now", "error", pc.stageErr)
 		}
-	}
+	})
 	return pc.sc
 }
 
@@ -280,6 +294,9 @@ func (pc *postCopyRun) imagesReady(ctx context.Context) {
 
 // cancelStaged ends a staged restore that will not run.
 func (pc *postCopyRun) cancelStaged(ctx context.Context) {
+	if pc.imagesTold != nil {
+		<-pc.imagesTold
+	}
 	if sc := pc.stagedRestore(); sc != nil {
 		sc.Cancel(ctx)
 		pc.sc = nil
@@ -310,21 +327,26 @@ func (pc *postCopyRun) backToOriginals(ctx context.Context) error {
 	st := u.st
 	var errs []error
 	pc.cancelStaged(ctx)
-	// First the transfer: CRIU fails it and resumes the originals (a copy that ended first
-	// would end the transfer cleanly, and CRIU would kill them).
-	if pc.gate != nil {
-		pc.gate.Abort()
-	}
-	if _, err := pc.dump.Abort(); err == nil {
-		return errors.New("CRIU completed the dump although the transfer was aborted: the original processes are gone")
-	}
-	if err := giveBackInit(ctx, u.mgr, st.ID, u.j.OrigInit); err != nil {
-		errs = append(errs, err)
-	}
-	if err := discardCopy(ctx, u.cg, pc.originals); err != nil {
-		errs = append(errs, err)
+	// First the copy (if any) goes, quietly, while its page source still stands (a copy
+	// whose transfer failed would run on with zero-filled pages); then the transfer fails
+	// and CRIU resumes the originals. Before the originals are known no copy exists.
+	if pc.originals != nil {
+		if err := giveBackInit(ctx, u.mgr, st.ID, u.j.OrigInit); err != nil {
+			errs = append(errs, err)
+		}
+		if err := discardCopy(ctx, u.cg, pc.originals); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	killLazyDaemons(u.j.ImagesDir)
+	if pc.gate != nil {
+		if err := pc.gate.Abort(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if _, err := pc.dump.Abort(); err == nil {
+		return errors.Join(append(errs, errors.New("CRIU completed the dump although the transfer was aborted: the original processes are gone"))...)
+	}
 	// CRIU resumed the originals (and took their connections out of repair mode).
 	if err := sockets.Unsideline(pc.socks); err != nil {
 		errs = append(errs, err)

@@ -188,43 +188,74 @@ func recoverPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.S
 	if err != nil {
 		return err
 	}
-	if j.Phase != phaseCommitting {
-		// A CRIU still serving pages (nobody connected before hot died) gives up and resumes
-		// the originals; a restore staged at the monitor is dropped.
-		if j.PageServer != "" {
-			if err := checkpoint.AbortPageServer(j.PageServer); err != nil {
-				log.Warn("abort the page server", "error", err)
-			}
+	// CRIU holds the originals (ptrace) until it ends; the page gate in the container's
+	// monitor kept the transfer open when hot died, so the copy's page faults wait (they are
+	// not filled with zeros). When CRIU ends it puts the freezer back as it found it (frozen).
+	criuPid := tracerOf(j.OrigInit)
+	if j.Phase == phaseCommitting {
+		// Every page is in the copy: the close goes through, CRIU ends the dump and kills the
+		// originals.
+		if err := restore.GateStep(ctx, mgr, st.ID, "commit"); err != nil {
+			log.Warn("commit the page transfer", "error", err)
 		}
+	} else {
+		// A restore still staged at the monitor ends first (before anything is frozen: its
+		// helper may have joined the cgroup). The copy (if restored) goes quietly, with its
+		// lazy-pages daemon, while its page source still stands; then the transfer fails and
+		// CRIU resumes the originals.
 		if err := restore.CancelStaged(ctx, mgr, st.ID); err != nil {
 			log.Warn("cancel the staged restore", "error", err)
 		}
-	}
-	if j.Phase != phaseCommitting && len(j.Originals) > 0 {
-		// The copy (if restored) lost its page source with hot: it goes, with its daemon.
-		if err := giveBackInit(ctx, mgr, st.ID, j.OrigInit); err != nil {
-			log.Warn("give the container back to its original init", "error", err)
+		if len(j.Originals) > 0 {
+			if err := giveBackInit(ctx, mgr, st.ID, j.OrigInit); err != nil {
+				log.Warn("give the container back to its original init", "error", err)
+			}
+			if err := discardCopy(ctx, cg, j.Originals); err != nil {
+				return err
+			}
 		}
-		if err := discardCopy(ctx, cg, j.Originals); err != nil {
-			return err
+		killLazyDaemons(j.ImagesDir)
+		if err := restore.GateStep(ctx, mgr, st.ID, "abort"); err != nil {
+			if !errors.Is(err, restore.ErrNoGate) {
+				log.Warn("abort the page transfer", "error", err)
+			}
+			if j.PageServer != "" {
+				if err := checkpoint.AbortPageServer(j.PageServer); err != nil {
+					log.Warn("abort the page server", "error", err)
+				}
+			}
 		}
 	}
-	killLazyDaemons(j.ImagesDir)
-	// CRIU ends either way (a dropped transfer fails it: it resumes the originals; a closed
-	// one completes it: it kills them): wait until it let go of the images directory.
-	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
+	if criuPid > 0 {
+		deadline := time.Now().Add(30 * time.Second)
+		for syscall.Kill(criuPid, 0) == nil && !isZombie(criuPid) && time.Now().Before(deadline) {
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
 	origAlive := j.OrigInit > 0 && syscall.Kill(j.OrigInit, 0) == nil && !isZombie(j.OrigInit)
 	if j.Phase == phaseCommitting || !origAlive {
 		if j.Phase != phaseCommitting {
 			log.Error("post-copy update: the original processes are gone before the commit; keeping the copy", "container", st.Name)
 		}
-		// Every page was in the copy. Originals CRIU resumed instead of killing (the
-		// transfer was reset as hot died) go quietly.
+		// Originals CRIU resumed instead of killing (if the commit could not go through) go
+		// quietly, before anything runs again.
 		if err := discardPids(ctx, cg, livingOriginals(j)); err != nil {
 			return err
 		}
+		if frozen, _ := cg.Frozen(); frozen {
+			if err := cg.Thaw(ctx); err != nil {
+				return err
+			}
+		}
+		waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
 		return finishPostCopy(ctx, mgr, store, st, j)
 	}
+	if frozen, _ := cg.Frozen(); frozen {
+		if err := cg.Thaw(ctx); err != nil {
+			return err
+		}
+	}
+	waitImagesReleased(ctx, j.ImagesDir, 30*time.Second)
 	if _, err := sockets.UnsidelineAll(j.Originals); err != nil {
 		return err
 	}
@@ -311,6 +342,24 @@ func livingOriginals(j *journal) []int {
 		}
 	}
 	return out
+}
+
+// tracerOf returns the pid ptrace-attached to pid (CRIU holding it), or 0.
+func tracerOf(pid int) int {
+	if pid <= 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
 }
 
 func isZombie(pid int) bool {

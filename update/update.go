@@ -187,6 +187,7 @@ type updater struct {
 
 	holdStart time.Time
 	stashed   []string // paths stashCopies moved out of the old upper (post-copy)
+	inPause   bool     // clients are held: records are written without fsync (see save)
 }
 
 // stashDir is where a post-copy update keeps the copies it took out of the old upper.
@@ -704,13 +705,22 @@ func (u *updater) releaseHold() {
 
 func (u *updater) journal(phase string) error {
 	u.j.Phase = phase
+	if u.inPause {
+		return container.WriteJSONAtomicNoSync(journalPath(u.mgr.Dir(u.st.ID)), u.j)
+	}
 	return container.WriteJSONAtomic(journalPath(u.mgr.Dir(u.st.ID)), u.j)
 }
 
 // save records the state and the journal phase, state first: a crash in between leaves a
-// journal one phase behind, which Recover handles the same way.
+// journal one phase behind, which Recover handles the same way. Inside the pause (inPause)
+// the writes are atomic but not fsynced: a killed hot loses nothing, a power loss ends the
+// processes anyway, and the commit saves durably.
 func (u *updater) save(phase string) error {
-	if err := u.mgr.Save(u.st); err != nil {
+	save := u.mgr.Save
+	if u.inPause {
+		save = u.mgr.SaveNoSync
+	}
+	if err := save(u.st); err != nil {
 		return err
 	}
 	return u.journal(phase)

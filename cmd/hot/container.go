@@ -487,7 +487,7 @@ func newMonitorCmd(opts *globalOptions) *cobra.Command {
 			return container.RunMonitor(context.Background(), container.MonitorOptions{
 				Root: opts.root, RunRoot: opts.runRoot, ID: args[0], Logger: opts.logger, Ready: ready,
 				NoStart: noStart,
-				Ops:     map[string]container.OpFunc{restore.MonitorOp: restore.NewMonitorOp()},
+				Ops:     map[string]container.OpFunc{restore.MonitorOp: restore.NewMonitorOp(), restore.GateOp: restore.NewGateOp()},
 			})
 		},
 	}
