@@ -478,7 +478,7 @@ func (m *Manager) view(st *State, locked bool) *Container {
 			}
 		}
 		// CRIU thaws the freezer once it holds the tasks with ptrace: still stopped.
-		if tracer := procTracer(st.Pid); c.Status == StatusRunning && tracer != 0 {
+		if tracer := ProcTracer(st.Pid); c.Status == StatusRunning && tracer != 0 {
 			c.Status = StatusPaused
 			c.Reason = fmt.Sprintf("held by process %d (CRIU: a checkpoint or update in progress, or one that was interrupted): 'hot resume %s' waits for it and thaws", tracer, st.Name)
 		}
@@ -588,8 +588,8 @@ func (m *Manager) Save(st *State) error { return m.p.saveState(st) }
 // inside a container's pause and saves durably once it is over.
 func (m *Manager) SaveNoSync(st *State) error { return WriteJSONAtomicNoSync(m.p.state(st.ID), st) }
 
-// procTracer returns the pid tracing pid (ptrace), or 0.
-func procTracer(pid int) int {
+// ProcTracer returns the pid tracing pid (ptrace; CRIU holding it), or 0.
+func ProcTracer(pid int) int {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0

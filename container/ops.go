@@ -163,9 +163,9 @@ func (m *Manager) Resume(ctx context.Context, ref string) error {
 		// Frozen, but not by 'hot pause': a checkpoint or update was interrupted (killed)
 		// while the container was frozen. A CRIU that outlived its caller still holds the
 		// tasks: it fails at its next message to the caller and puts them back; wait for that.
-		for deadline := time.Now().Add(60 * time.Second); procTracer(st.Pid) != 0; {
+		for deadline := time.Now().Add(60 * time.Second); ProcTracer(st.Pid) != 0; {
 			if time.Now().After(deadline) {
-				return fmt.Errorf("resume %s: process %d still traces its init after 60s: a checkpoint still runs?", st.Name, procTracer(st.Pid))
+				return fmt.Errorf("resume %s: process %d still traces its init after 60s: a checkpoint still runs?", st.Name, ProcTracer(st.Pid))
 			}
 			select {
 			case <-ctx.Done():

@@ -191,7 +191,7 @@ func recoverPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.S
 	// CRIU holds the originals (ptrace) until it ends; the page gate in the container's
 	// monitor kept the transfer open when hot died, so the copy's page faults wait (they are
 	// not filled with zeros). When CRIU ends it puts the freezer back as it found it (frozen).
-	criuPid := tracerOf(j.OrigInit)
+	criuPid := container.ProcTracer(j.OrigInit)
 	if j.Phase == phaseCommitting {
 		// Every page is in the copy: the close goes through, CRIU ends the dump and kills the
 		// originals.
@@ -342,24 +342,6 @@ func livingOriginals(j *journal) []int {
 		}
 	}
 	return out
-}
-
-// tracerOf returns the pid ptrace-attached to pid (CRIU holding it), or 0.
-func tracerOf(pid int) int {
-	if pid <= 0 {
-		return 0
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return 0
 }
 
 func isZombie(pid int) bool {
