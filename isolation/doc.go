@@ -13,8 +13,9 @@
 //
 // Init side (run by the container init, on the locked OS thread that will call execve):
 //  1. ProtectPaths, after pivot_root in the container's mount namespace, while the init still
-//     has CAP_SYS_ADMIN: /dev/null over masked files, an empty read-only tmpfs over masked
-//     directories, read-only bind remounts of read-only paths.
+//     has CAP_SYS_ADMIN: /dev/null over masked files, a read-only bind of the empty directory
+//     /dev/.masked over masked directories (an empty read-only tmpfs where /dev is not a
+//     tmpfs), read-only bind remounts of read-only paths.
 //  2. NewRestrictor, before anything is dropped: parses capabilities, compiles seccomp.
 //  3. Restrictor.BeforeSetuid: PR_CAPBSET_DROP for every capability outside the bounding set,
 //     PR_SET_KEEPCAPS for a non-root user.
