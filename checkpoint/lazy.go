@@ -51,6 +51,31 @@ func RaisePipeMaxSize() (undo func(), note string, err error) {
 	return undo, fmt.Sprintf("fs.pipe-max-size raised from %d to %d during the transfer (CRIU's page server needs ~3.3 MB pipes); put back afterwards", old, pipeMaxForCRIU), nil
 }
 
+// PipeMaxSize returns fs.pipe-max-size.
+func PipeMaxSize() (int, error) {
+	b, err := os.ReadFile(pipeMaxSizeFile)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", pipeMaxSizeFile, err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("parse %s: %w", pipeMaxSizeFile, err)
+	}
+	return n, nil
+}
+
+// RestorePipeMaxSize puts fs.pipe-max-size back to old if RaisePipeMaxSize's value is still
+// set (for a recovery after the process that raised it died).
+func RestorePipeMaxSize(old int) error {
+	if old <= 0 || old >= pipeMaxForCRIU {
+		return nil
+	}
+	if cur, err := PipeMaxSize(); err != nil || cur != pipeMaxForCRIU {
+		return err
+	}
+	return os.WriteFile(pipeMaxSizeFile, []byte(strconv.Itoa(old)), 0o644)
+}
+
 // FreePort returns ip:port with a TCP port that was free on ip a moment ago.
 func FreePort(ip string) (string, error) {
 	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))

@@ -305,6 +305,8 @@ func TestHotUpdateLazy(t *testing.T) {
 	f := newFixture(t)
 	e := f.e
 	f.serving("v1")
+	// A post-copy update raises it for CRIU's page server and must put it back, also when killed.
+	pipeMax, _ := os.ReadFile("/proc/sys/fs/pipe-max-size")
 
 	t.Run("failing health probe rolls back", func(t *testing.T) {
 		r := e.Hot("update", f.name, "demo:v2", "--lazy", "--health-tcp", "9", "--health-timeout", "1s")
@@ -335,6 +337,9 @@ func TestHotUpdateLazy(t *testing.T) {
 			os.Unsetenv("HOT_FAILPOINT")
 			e.MustHot("ps")
 			f.serving("v1")
+			if got, _ := os.ReadFile("/proc/sys/fs/pipe-max-size"); string(got) != string(pipeMax) {
+				t.Errorf("fs.pipe-max-size after the recovery is %q, was %q before the update", got, pipeMax)
+			}
 		})
 	}
 

@@ -52,6 +52,9 @@ type journal struct {
 	// PageServer is the lazy dump's page server (post-copy): a recovery sends it an invalid
 	// request so that CRIU gives up and resumes the originals.
 	PageServer string `json:"pageServer,omitempty"`
+	// PipeMaxBefore is fs.pipe-max-size before the post-copy update raised it for CRIU's page
+	// server; a recovery puts it back.
+	PipeMaxBefore int `json:"pipeMaxBefore,omitempty"`
 	// Stashed are copies moved out of the old upper (stashCopies), under GenDir/stashed.
 	Stashed []string `json:"stashed,omitempty"`
 }

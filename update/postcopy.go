@@ -41,6 +41,8 @@ import (
 func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	st := u.st
 	op := u.j.Op
+	// The value before, for a recovery if this process dies before putting it back.
+	u.j.PipeMaxBefore, _ = checkpoint.PipeMaxSize()
 	undo, note, err := checkpoint.RaisePipeMaxSize()
 	if err != nil {
 		u.releaseHold()

@@ -188,6 +188,11 @@ func recoverPostCopy(ctx context.Context, mgr *container.Manager, store *cowfs.S
 	if err != nil {
 		return err
 	}
+	defer func() {
+		if err := checkpoint.RestorePipeMaxSize(j.PipeMaxBefore); err != nil {
+			log.Warn("put fs.pipe-max-size back", "error", err)
+		}
+	}()
 	// CRIU holds the originals (ptrace) until it ends; the page gate in the container's
 	// monitor kept the transfer open when hot died, so the copy's page faults wait (they are
 	// not filled with zeros). When CRIU ends it puts the freezer back as it found it (frozen).
