@@ -63,6 +63,9 @@ const (
 	// FailKillCRIU SIGKILLs CRIU at the same moment, as an OOM kill or a crash would: CRIU
 	// cannot clean up, the network lock stays in the namespace until Dump removes it.
 	FailKillCRIU = "kill-criu"
+	// FailKillSelf SIGKILLs this process at the same moment (hot killed while CRIU holds the
+	// tree with every image written): CRIU's next message to us fails and it gives up.
+	FailKillSelf = "kill-self"
 )
 
 // DumpOptions describe one dump.
@@ -305,6 +308,9 @@ func (n *dumpNotify) PostDump() error {
 			return err
 		}
 		return errors.New("failpoint " + FailKillCRIU)
+	case FailKillSelf:
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
 	}
 	if n.afterDump != nil {
 		n.afterDump()

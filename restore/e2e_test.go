@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -426,38 +425,28 @@ func TestGoDefaultListenerIsCheckpointable(t *testing.T) {
 	checkClean(t, load)
 }
 
-// TestKilledCheckpointRecoversWithResume: `hot checkpoint` SIGKILLed while the container is
-// frozen (CRIU then aborts at its next message to hot) leaves the container frozen; `hot ps`
-// shows it paused with the reason, and `hot resume` brings back the same connections.
+// TestKilledCheckpointRecoversWithResume: `hot checkpoint` SIGKILLed while CRIU holds the
+// frozen tree with every image written (CRIU then gives up at its next message to hot and
+// leaves the container frozen); `hot ps` shows it paused with the reason, and `hot resume`
+// brings back the same connections.
 func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 	e := newEnv(t, "serve", "-addr", ":8080", "-rss", "256")
 	load := e.clients()
 	progress(t, load, load.Snapshot())
+	// hot is killed from inside at CRIU's post-dump notification: CRIU holds the tree
+	// (ptrace) and has written every image. (A kill from outside after a sleep raced with
+	// dumps that got faster: the dump could complete first.)
 	cmd := exec.Command(testutil.HotBinary(t), e.Args("checkpoint", "web")...)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	cmd.Env = append(os.Environ(), "HOT_FAILPOINT=checkpoint-kill-self")
+	if err := cmd.Run(); err == nil {
+		t.Fatal("hot checkpoint with the kill-self failpoint exited 0, want killed")
 	}
-	c := e.inspect()
-	// CRIU seizes the tree right after the freeze (and thaws the cgroup again: the tasks stay
-	// stopped under ptrace), so "CRIU has the tree" is seen as a tracer on the init.
-	status := fmt.Sprintf("/proc/%d/status", c.Pid)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		b, _ := os.ReadFile(status)
-		if m := regexp.MustCompile(`(?m)^TracerPid:\s+(\d+)`).FindSubmatch(b); m != nil && string(m[1]) != "0" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the checkpoint never seized the container")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	time.Sleep(150 * time.Millisecond) // CRIU holds the tasks and dumps their memory now
-	cmd.Process.Kill()
-	cmd.Wait()
 	// CRIU outlives hot: it holds the tasks (ptrace) until its next message to hot fails, then
 	// puts them back frozen. Either way the container shows as paused, with the hint.
-	c = e.inspect()
+	c := e.inspect()
+	for deadline := time.Now().Add(10 * time.Second); c.Status != container.StatusPaused && time.Now().Before(deadline); c = e.inspect() {
+		time.Sleep(20 * time.Millisecond) // CRIU notices the dead hot at its next message
+	}
 	if c.Status != container.StatusPaused || !strings.Contains(c.Reason, "hot resume") {
 		t.Fatalf("after a killed checkpoint: status %s (%s), want paused with a hint", c.Status, c.Reason)
 	}

@@ -53,6 +53,8 @@ container keeps running and the checkpoint is a copy.`,
 				fp = checkpoint.FailAfterMemoryDump
 			case "checkpoint-kill-criu":
 				fp = checkpoint.FailKillCRIU
+			case "checkpoint-kill-self":
+				fp = checkpoint.FailKillSelf
 			}
 			res, err := checkpoint.Container(cmd.Context(), m, args[0], checkpoint.ContainerOptions{
 				CRIU: b, LeaveRunning: leaveRunning, ImagesDir: imagesDir, Failpoint: fp, Logger: opts.logger,
