@@ -182,20 +182,9 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	u.sum.RestoreMS = ms(rres.Running)
 	u.sum.FreezeWindowMS = ms(time.Since(u.holdStart))
 	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS})
-	if err := publishNew(u.chg, st.Rootfs, pub); err != nil {
+	if err := u.settle(ctx, pub); err != nil {
 		return pc.rollback(ctx, err)
 	}
-	if err := u.save(phaseRestored); err != nil {
-		return pc.rollback(ctx, err)
-	}
-	u.failpoint(phaseRestored)
-
-	span = u.rec.Start("verify")
-	if err := u.verify(ctx); err != nil {
-		span.End(err, nil)
-		return pc.rollback(ctx, err)
-	}
-	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
 	// Clients go on while the rest of the memory comes in; the originals stay until it is.
 	u.releaseHold()
 	u.inPause = false

@@ -289,21 +289,10 @@ func (u *updater) run(ctx context.Context, op string, pick func(*container.State
 	u.sum.FreezeWindowMS = ms(time.Since(dres.Stats.FrozenAt))
 	span.End(nil, map[string]any{"pid": rres.PID, "freezeWindowMs": u.sum.FreezeWindowMS,
 		"criuRestoreMs": ms(rres.Stats.Restore), "criuForkingMs": ms(rres.Stats.Forking)})
-	if err := publishNew(u.chg, st.Rootfs, nil); err != nil {
+	// ── publish the new content, verify: alive, reloaded, healthy (packets still held) ──
+	if err := u.settle(ctx, nil); err != nil {
 		return u.rollback(ctx, err)
 	}
-	if err := u.save(phaseRestored); err != nil {
-		return u.rollback(ctx, err)
-	}
-	u.failpoint(phaseRestored)
-
-	// ── verify: alive, reloaded, healthy (client packets are still held) ──
-	span = u.rec.Start("verify")
-	if err := u.verify(ctx); err != nil {
-		span.End(err, nil)
-		return u.rollback(ctx, err)
-	}
-	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
 
 	// ── commit ──
 	span = u.rec.Start("commit")
@@ -472,6 +461,25 @@ func (u *updater) restore(ctx context.Context) (*restore.Result, error) {
 		return nil, err
 	}
 	return &r.Result, nil
+}
+
+// settle follows a successful restore: the new content goes to the changed paths (pre is what
+// a post-copy update copied ahead, or nil), the journal records the restore, and the
+// restored processes are verified while client packets are still held.
+func (u *updater) settle(ctx context.Context, pre *publishing) error {
+	if err := publishNew(u.chg, u.st.Rootfs, pre); err != nil {
+		return err
+	}
+	if err := u.save(phaseRestored); err != nil {
+		return err
+	}
+	u.failpoint(phaseRestored)
+	span := u.rec.Start("verify")
+	if err := u.verify(ctx); err != nil {
+		return span.End(err, nil)
+	}
+	span.End(nil, map[string]any{"probes": u.sum.HealthProbes, "health": u.o.Health.String()})
+	return nil
 }
 
 func (u *updater) verify(ctx context.Context) error {
