@@ -221,6 +221,10 @@ func ContainerLocked(ctx context.Context, mgr *container.Manager, st *container.
 		if err != nil {
 			return fmt.Errorf("checkpoint %s: %w", c.Name, err)
 		}
+		if o.Failpoint == FailKillSelfAfterDump {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {}
+		}
 		rec.Stats = dres.Stats
 		if err := container.WriteJSONAtomic(filepath.Join(mgr.Dir(c.ID), RecordFile), rec); err != nil {
 			return fmt.Errorf("checkpoint %s: %w", c.Name, err)

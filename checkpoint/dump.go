@@ -66,6 +66,9 @@ const (
 	// FailKillSelf SIGKILLs this process at the same moment (hot killed while CRIU holds the
 	// tree with every image written): CRIU's next message to us fails and it gives up.
 	FailKillSelf = "kill-self"
+	// FailKillSelfAfterDump (ContainerOptions) SIGKILLs this process once the dump completed,
+	// before the container is recorded as checkpointed (see Recover).
+	FailKillSelfAfterDump = "kill-self-after-dump"
 )
 
 // DumpOptions describe one dump.

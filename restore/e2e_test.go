@@ -463,6 +463,30 @@ func TestKilledCheckpointRecoversWithResume(t *testing.T) {
 	checkClean(t, load)
 }
 
+// TestKilledCheckpointAfterCompletedDump: `hot checkpoint` SIGKILLed once CRIU completed the
+// dump (processes gone, every image written) but before the container was recorded as
+// checkpointed. It must not be left "exited" (a `hot rm` would discard the checkpoint): the
+// next hot command records it as checkpointed and `hot restore` brings back the same
+// connections and state.
+func TestKilledCheckpointAfterCompletedDump(t *testing.T) {
+	e := newEnv(t)
+	load := e.clients()
+	progress(t, load, load.Snapshot())
+	cmd := exec.Command(testutil.HotBinary(t), e.Args("checkpoint", "web")...)
+	cmd.Env = append(os.Environ(), "HOT_FAILPOINT=checkpoint-kill-self-after-dump")
+	if err := cmd.Run(); err == nil {
+		t.Fatal("hot checkpoint with the kill-self-after-dump failpoint exited 0, want killed")
+	}
+	paused := load.Snapshot()
+	e.MustHot("ps") // recovers
+	if c := e.inspect(); c.Status != container.StatusCheckpointed {
+		t.Fatalf("after a checkpoint killed once the dump completed: %s (%s), want checkpointed", c.Status, c.Reason)
+	}
+	e.MustHot("restore", "web")
+	progress(t, load, paused)
+	checkClean(t, load)
+}
+
 // TestRestoreAfterMonitorDied: the monitor of a checkpointed container is killed; `hot
 // restore` starts a new one and the restored tree becomes its child, same connections.
 func TestRestoreAfterMonitorDied(t *testing.T) {

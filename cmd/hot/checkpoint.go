@@ -55,6 +55,8 @@ container keeps running and the checkpoint is a copy.`,
 				fp = checkpoint.FailKillCRIU
 			case "checkpoint-kill-self":
 				fp = checkpoint.FailKillSelf
+			case "checkpoint-kill-self-after-dump":
+				fp = checkpoint.FailKillSelfAfterDump
 			}
 			res, err := checkpoint.Container(cmd.Context(), m, args[0], checkpoint.ContainerOptions{
 				CRIU: b, LeaveRunning: leaveRunning, ImagesDir: imagesDir, Failpoint: fp, Logger: opts.logger,

@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/hotctl/hot/checkpoint"
 	"github.com/hotctl/hot/container"
 	"github.com/hotctl/hot/cowfs"
 	"github.com/hotctl/hot/criubin"
@@ -282,12 +283,27 @@ func newEventsCmd(opts *globalOptions) *cobra.Command {
 // updating right now. It costs one glob when no container has an update journal.
 func recoverInterrupted(cmd *cobra.Command, opts *globalOptions, args []string) error {
 	journals, _ := filepath.Glob(filepath.Join(opts.root, "containers", "*", update.JournalFile))
-	if len(journals) == 0 {
+	records, _ := filepath.Glob(filepath.Join(opts.root, "containers", "*", checkpoint.RecordFile))
+	if len(journals) == 0 && len(records) == 0 {
 		return nil
 	}
 	m, err := opts.manager()
 	if err != nil {
 		return err
+	}
+	if len(records) > 0 {
+		// A `hot checkpoint` killed after CRIU completed the dump left an "exited" container
+		// whose images are complete: record it as checkpointed.
+		names, err := checkpoint.Recover(cmd.Context(), m)
+		for _, n := range names {
+			opts.logger.Warn("recovered an interrupted checkpoint: the dump had completed; 'hot restore' brings it back", "container", n)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(journals) == 0 {
+		return nil
 	}
 	if len(args) > 0 {
 		if pending, alive, owner, err := update.Pending(cmd.Context(), m, args[0]); err == nil && pending && alive {
