@@ -179,9 +179,11 @@ func printSummary(w io.Writer, s *update.Summary) {
 	if s.Reason != "" {
 		fmt.Fprintf(tw, "reason\t%s\n", s.Reason)
 	}
-	fmt.Fprintf(tw, "freeze window\t%.1f ms (dump %.1f ms, restore %.1f ms, %s written)\n", s.FreezeWindowMS, s.DumpMS, s.RestoreMS, humanBytes(s.DumpBytes))
-	if s.MemoryInMS > 0 {
-		fmt.Fprintf(tw, "lazy memory\tall in %.1f ms after the restore started (the processes ran after %.1f ms)\n", s.MemoryInMS, s.RestoreMS)
+	if s.MemoryInMS > 0 { // post-copy: no memory went through images
+		fmt.Fprintf(tw, "freeze window\t%.1f ms (dump without memory %.1f ms, restore %.1f ms)\n", s.FreezeWindowMS, s.DumpMS, s.RestoreMS)
+		fmt.Fprintf(tw, "memory\tpulled from the frozen originals, all in %.1f ms after the restore started\n", s.MemoryInMS)
+	} else {
+		fmt.Fprintf(tw, "freeze window\t%.1f ms (dump %.1f ms, restore %.1f ms, %s written)\n", s.FreezeWindowMS, s.DumpMS, s.RestoreMS, humanBytes(s.DumpBytes))
 	}
 	fmt.Fprintf(tw, "client pause\t%.1f ms (%s, %d packets held)\n", s.ClientPauseMS, s.Holding, s.HeldPackets)
 	fmt.Fprintf(tw, "tcp established\t%d before, %d after\n", s.TCPBefore, s.TCPAfter)
