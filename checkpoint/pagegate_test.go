@@ -48,6 +48,22 @@ func fakePageServer(t *testing.T) (addr string, got chan []byte) {
 	return l.Addr().String(), got
 }
 
+// gateWithDaemon starts a gate towards a fake page server and connects a fake daemon to it.
+func gateWithDaemon(t *testing.T) (*PageGate, net.Conn, chan []byte) {
+	t.Helper()
+	addr, got := fakePageServer(t)
+	g, err := NewPageGate(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", g.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return g, c, got
+}
+
 func next(t *testing.T, got chan []byte) []byte {
 	t.Helper()
 	select {
@@ -64,16 +80,7 @@ func next(t *testing.T, got chan []byte) []byte {
 
 // The gate forwards requests, holds the close until Commit, then lets it through.
 func TestPageGateHoldsCloseUntilCommit(t *testing.T) {
-	addr, got := fakePageServer(t)
-	g, err := NewPageGate(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", g.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	g, c, got := gateWithDaemon(t)
 	get := psi(7, 4, 0x7f0000000000, 1) // PS_IOV_GET
 	c.Write(get)
 	if b := next(t, got); string(b) != string(get) {
@@ -108,16 +115,7 @@ func TestPageGateHoldsCloseUntilCommit(t *testing.T) {
 // Abort must make CRIU fail the transfer: an end of stream would count as success for a lazy
 // transfer (and CRIU would kill the originals), so the page server must get an invalid request.
 func TestPageGateAbortSendsInvalidRequest(t *testing.T) {
-	addr, got := fakePageServer(t)
-	g, err := NewPageGate(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", g.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	g, c, got := gateWithDaemon(t)
 	c.Write(psi(7, 1, 0x1000, 1))
 	next(t, got)
 	g.Abort()
@@ -132,15 +130,7 @@ func TestPageGateAbortSendsInvalidRequest(t *testing.T) {
 
 // A daemon that disconnects without closing must not end the transfer cleanly either.
 func TestPageGateDaemonGoneIsNoClose(t *testing.T) {
-	addr, got := fakePageServer(t)
-	g, err := NewPageGate(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", g.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
+	g, c, got := gateWithDaemon(t)
 	c.Write(psi(7, 1, 0x1000, 1))
 	next(t, got)
 	c.Close()

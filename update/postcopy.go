@@ -111,8 +111,10 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	if pc.originals, err = u.cg.Procs(); err != nil {
 		return pc.rollback(ctx, fmt.Errorf("list the frozen processes: %w", err))
 	}
+	// One journal write for this step, before the sockets change: a recovery needs the
+	// originals to unsideline them. (The state is untouched: the dump worked on a copy.)
 	u.j.Originals, u.j.OriginalStarts = pc.originals, startTimes(pc.originals)
-	if err := u.journal(phaseDumping); err != nil {
+	if err := u.journal(phaseDumped); err != nil {
 		return pc.rollback(ctx, err)
 	}
 	if pc.socks, err = sockets.Sideline(pc.originals); err != nil {
@@ -127,10 +129,7 @@ func (u *updater) postCopy(ctx context.Context) (*Summary, error) {
 	// The staged helper joins the (thawed) cgroup and starts its lazy-pages daemon meanwhile.
 	pc.imagesTold = make(chan struct{})
 	go func() { pc.imagesReady(ctx); close(pc.imagesTold) }()
-	span.End(nil, map[string]any{"pageServer": addr, "sidelinedSockets": len(pc.socks), "untilServingMs": u.sum.DumpMS})
-	if err := u.save(phaseDumped); err != nil {
-		return pc.rollback(ctx, err)
-	}
+	span.End(nil, map[string]any{"pageServer": addr, "sidelinedSockets": len(pc.socks), "untilImagesMs": u.sum.DumpMS})
 	u.failpoint(phaseDumped)
 
 	span = u.rec.Start("swap")
